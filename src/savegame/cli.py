@@ -1,0 +1,230 @@
+"""`savegame run | ls | verify | prune | restore | status`. Logging is configured here, and only here.
+
+Exit codes: 0 ok, 1 a run gave up or verify found damage, 2 usage, 78 bad configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+from savegame import protocol
+from savegame.config import Layer, RunConfig, build_config, read_toml
+from savegame.errors import ConfigError, SavegameError, StorageError
+
+log = logging.getLogger("savegame")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"savegame: error: {message}", file=sys.stderr)
+        raise SystemExit(protocol.EXIT_USAGE)
+
+
+def _policy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--regime", choices=("short", "normal", "long"), help="retention preset (default: normal)")
+    p.add_argument("--monitor", help="metric that decides the best checkpoint, e.g. val_acc")
+    p.add_argument("--mode", choices=("min", "max", "auto"), help="whether a larger or smaller metric is better")
+    p.add_argument("--keep-last", type=int, metavar="N")
+    p.add_argument("--keep-best", type=int, metavar="K")
+    p.add_argument("--keep-every", type=int, metavar="N", help="also keep the first checkpoint of every N steps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="savegame", description="Keeps long training runs alive.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a training command under supervision")
+    _policy_flags(run)
+    run.add_argument("--dir", help="local run root (default: ./checkpoints)")
+    run.add_argument("--mirror", metavar="URL", help="object storage to mirror checkpoints to, e.g. s3://bucket/run")
+    run.add_argument("--resume", choices=("latest", "best", "none"))
+    run.add_argument("--grace", type=float, metavar="SECONDS", help="time the worker gets to save on stop (25)")
+    run.add_argument("--max-restarts", type=int, metavar="N", help="failures allowed per restart window (5)")
+    run.add_argument("--hang-timeout", type=float, metavar="SECONDS", help="restart a worker without progress (off)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+    ls = sub.add_parser("ls", help="list committed checkpoints")
+    ls.add_argument("url", metavar="DIR_OR_URL")
+    _policy_flags(ls)
+    ls.add_argument("--json", action="store_true")
+
+    verify = sub.add_parser("verify", help="check every file's size and checksum")
+    verify.add_argument("url", metavar="DIR_OR_URL")
+    verify.add_argument("--step", type=int)
+    verify.add_argument("--json", action="store_true")
+
+    prune = sub.add_parser("prune", help="delete what the retention policy does not keep")
+    prune.add_argument("url", metavar="DIR_OR_URL")
+    _policy_flags(prune)
+    prune.add_argument("--dry-run", action="store_true")
+    prune.add_argument("--json", action="store_true")
+
+    restore = sub.add_parser("restore", help="copy one checkpoint (verified) into a local folder")
+    restore.add_argument("url", metavar="DIR_OR_URL")
+    which = restore.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true")
+    which.add_argument("--best", action="store_true")
+    which.add_argument("--step", type=int)
+    restore.add_argument("--monitor")
+    restore.add_argument("--mode", choices=("min", "max", "auto"))
+    restore.add_argument("--to", required=True, metavar="DIR")
+
+    status = sub.add_parser("status", help="show what the daemon of a run folder is doing")
+    status.add_argument("dir", metavar="DIR")
+    status.add_argument("--json", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The config file (if any) under the command-line flags: one validation for both."""
+    layers = _daemon_settings(getattr(args, "url", None))
+    if getattr(args, "config", None):
+        layers.append(read_toml(args.config))
+    flags: dict[str, Any] = {}
+    for flag, key in (("dir", "dir"), ("mirror", "mirror"), ("regime", "regime"), ("resume", "resume"),
+                      ("monitor", "monitor"), ("mode", "mode"), ("grace", "grace"),
+                      ("max_restarts", "max_restarts"), ("hang_timeout", "hang_timeout")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            flags[key] = value
+    keep = {key: getattr(args, flag) for flag, key in (("keep_last", "last"), ("keep_best", "best"),
+                                                        ("keep_every", "every")) if getattr(args, flag, None) is not None}
+    if keep:
+        flags["keep"] = keep
+    if getattr(args, "cmd", None):
+        cmd = args.cmd[1:] if args.cmd[0] == "--" else args.cmd
+        if cmd:
+            flags["command"] = cmd
+    layers.append(Layer("command line", flags))
+    return build_config(layers)
+
+
+def _daemon_settings(url: Optional[str]) -> list[Layer]:
+    """For ls/prune of a local run folder: the policy its daemon runs with, as the lowest layer."""
+    from savegame.daemon.status import read_worker_settings
+
+    settings = read_worker_settings(url) if url and "://" not in url else None
+    return [Layer(f"daemon settings in {url}", settings)] if settings else []
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
+
+
+def _protected_by_daemon(url: str) -> dict[int, str]:
+    """A running daemon's resume source must survive a prune from the command line."""
+    from savegame.daemon.status import read_status
+
+    status = read_status(url) if "://" not in url else None
+    step = (status or {}).get("resumed_from")
+    return {int(step): "resume source of the running daemon"} if step is not None else {}
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from savegame.inspect_cmds import format_ls, ls_rows, open_existing
+
+    config = config_from_args(args)
+    rows = ls_rows(open_existing(args.url, config["storage"]), config, _protected_by_daemon(args.url))
+    _print_json(rows) if args.json else print(format_ls(rows))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from savegame.inspect_cmds import open_existing, verify_rows
+
+    rows = verify_rows(open_existing(args.url), args.step)
+    if args.json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            print(f"step {row['step']}: " + ("ok" if row["ok"] else "DAMAGED: " + "; ".join(row["problems"])))
+        if not rows:
+            print("no checkpoints")
+    return 0 if all(r["ok"] for r in rows) else protocol.EXIT_FAILED
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from savegame.inspect_cmds import open_existing, prune
+
+    config = config_from_args(args)
+    result = prune(open_existing(args.url, config["storage"]), config, _protected_by_daemon(args.url), args.dry_run)
+    if args.json:
+        _print_json(result)
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        for item in result["keep"]:
+            print(f"keep   step {item['step']}: {', '.join(item['why'])}")
+        for item in result["delete"]:
+            print(f"{verb} step {item['step']}")
+        for path in result["collected"]:
+            print(f"removed stale staging {path}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from savegame.inspect_cmds import choose, open_existing, restore
+
+    config = config_from_args(args)
+    which = "latest" if args.latest else "best" if args.best else "step"
+    store = open_existing(args.url)
+    info = restore(store, choose(store, which, args.step, config), args.to)
+    print(f"restored step {info.step} to {info.path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from savegame.daemon.supervisor import run_supervised
+
+    config = config_from_args(args)
+    if not config["command"]:
+        raise ConfigError("no command to run: savegame run [options] -- python train.py ...")
+    return run_supervised(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from savegame.daemon.status import format_status, read_status
+
+    status = read_status(args.dir)
+    if status is None:
+        raise ConfigError(f"{args.dir} has no daemon status; is it the --dir of a `savegame run`?")
+    _print_json(status) if args.json else print(format_status(status))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "verify": cmd_verify, "prune": cmd_prune,
+            "restore": cmd_restore, "status": cmd_status}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s savegame %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"savegame: configuration error: {exc}", file=sys.stderr)
+        return protocol.EXIT_CONFIG
+    except StorageError as exc:
+        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        return protocol.EXIT_FAILED
+    except SavegameError as exc:
+        print(f"savegame: {exc}", file=sys.stderr)
+        return protocol.EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `savegame ls | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

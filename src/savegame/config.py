@@ -1,0 +1,247 @@
+"""Configuration: a TOML file, command-line flags and script defaults, validated in one place.
+
+Layers merge low to high (regime preset < script defaults < config file < command line), each
+checked against the schema below. A bad key or value raises ConfigError naming the source, the
+key, the value and what is allowed. The rest of the code only sees `RunConfig` and the policy
+objects it builds.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from savegame.errors import ConfigError
+from savegame.strategies import (REGIMES, RESUME_CHOICES, AnyOf, AnySchedule, EveryNEpochs, EveryNSeconds,
+                                 EveryNSteps, KeepBest, KeepEvery, KeepLast, KeepThinning, OnImprovement,
+                                 RestartPolicy, ThinningTier, resolve_mode)
+from savegame.strategies.regimes import DEFAULT_REGIME
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Parser = Callable[[Any], Any]
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def _integer(minimum: int = 0) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"must be an integer >= {minimum}")
+        return value
+    return parse
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError("must be a number >= 0")
+    return float(value)
+
+
+def duration(value: Any) -> float:
+    """Seconds from a number or a string like '30s', '10m', '2h', '1d'."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError("must be a duration: seconds, or a string like '30s', '10m', '2h', '1d'")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _choice(*allowed: str) -> Parser:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
+def _command(value: Any) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a non-empty list of strings, like [\"python\", \"train.py\"]")
+    return value
+
+
+def _thin(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ValueError('must be a list like [{younger_than = "1d", every = "1h"}]')
+    out = []
+    for tier in value:
+        if not isinstance(tier, dict) or set(tier) != {"younger_than", "every"}:
+            raise ValueError('each tier must be {younger_than = "1d", every = "1h"} ("forever" for no limit)')
+        limit = None if tier["younger_than"] in ("forever", None) else duration(tier["younger_than"])
+        every = duration(tier["every"])
+        if every <= 0:
+            raise ValueError("a tier's 'every' must be more than 0")
+        out.append({"younger_than": limit, "every": every})
+    return out
+
+
+def _table(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("must be a table of options")
+    return dict(value)
+
+
+SAVE_KEYS: dict[str, Parser] = {
+    "every_steps": _integer(), "every_epochs": _integer(), "every_seconds": duration,
+    "on_improvement": _boolean, "min_delta": _number,
+}
+KEEP_KEYS: dict[str, Parser] = {
+    "last": _integer(), "best": _integer(), "every": _integer(), "every_unit": _choice("step", "epoch"),
+    "thin": _thin,
+}
+TOP_KEYS: dict[str, Parser] = {
+    "dir": _text, "mirror": _text, "regime": _choice(*REGIMES), "resume": _choice(*RESUME_CHOICES),
+    "monitor": _text, "mode": _choice("min", "max", "auto"), "grace": duration,
+    "max_restarts": _integer(), "restart_window": duration, "backoff_initial": duration,
+    "backoff_max": duration, "hang_timeout": duration, "stale_after": duration,
+    "mirror_deadline": duration, "command": _command, "storage": _table,
+}
+SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS}
+DEFAULTS: dict[str, Any] = {
+    "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
+    "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
+    "mirror_deadline": 600.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of settings and its name, for error messages."""
+
+    source: str
+    values: Mapping[str, Any]
+
+
+def validate_layer(layer: Layer) -> dict[str, Any]:
+    """Check every key and value of one layer; return the parsed values."""
+    parsed: dict[str, Any] = {}
+    for key, value in layer.values.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{layer.source}: [{key}] must be a table, not {value!r}")
+            parsed[key] = {k: _parse_one(layer.source, SECTIONS[key], k, v, prefix=f"{key}.")
+                           for k, v in value.items()}
+        else:
+            parsed[key] = _parse_one(layer.source, TOP_KEYS, key, value)
+    return parsed
+
+
+def _parse_one(source: str, schema: Mapping[str, Parser], key: str, value: Any, prefix: str = "") -> Any:
+    if key not in schema:
+        allowed = sorted(schema) + ([] if prefix else sorted(SECTIONS))
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        suggestion = f" (did you mean {prefix + hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{source}: unknown key {prefix + key!r}{suggestion}; allowed: {', '.join(allowed)}")
+    try:
+        return schema[key](value)
+    except ValueError as exc:
+        shown = "<hidden>" if key == "storage" else repr(value)
+        raise ConfigError(f"{source}: {prefix}{key} = {shown}: {exc}") from None
+
+
+def _merge(low: dict[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(low)
+    for key, value in high.items():
+        if key in SECTIONS and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated settings, and the policy objects they stand for."""
+
+    values: Mapping[str, Any]
+    explicit: Mapping[str, Any] = field(default_factory=dict)  # what the user set (not defaults)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values.get(key)
+
+    @property
+    def regime(self) -> str:
+        return self.values["regime"]
+
+    @property
+    def monitor(self) -> Optional[tuple[str, str]]:
+        metric = self.values.get("monitor")
+        return (metric, resolve_mode(self.values["mode"], metric)) if metric else None
+
+    def schedule(self) -> AnySchedule:
+        save = self.values["save"]
+        parts: list[Any] = [EveryNSteps(save["every_steps"]), EveryNEpochs(save["every_epochs"]),
+                            EveryNSeconds(save["every_seconds"])]
+        if self.monitor and save["on_improvement"]:
+            parts.append(OnImprovement(self.monitor[0], self.monitor[1], save["min_delta"]))  # type: ignore[arg-type]
+        return AnySchedule(tuple(parts))
+
+    def retention(self, tier: str = "local") -> AnyOf:
+        keep = self.values["keep" if tier == "local" else "mirror_keep"]
+        parts: list[Any] = [KeepLast(keep["last"]), KeepEvery(keep["every"], keep["every_unit"])]
+        if self.monitor and keep["best"]:
+            parts.append(KeepBest(keep["best"], self.monitor[0], self.monitor[1]))  # type: ignore[arg-type]
+        if keep["thin"]:
+            parts.append(KeepThinning(tuple(
+                ThinningTier(None if t["younger_than"] is None else timedelta(seconds=t["younger_than"]),
+                             timedelta(seconds=t["every"])) for t in keep["thin"])))
+        return AnyOf(tuple(parts))
+
+    def restart_policy(self) -> RestartPolicy:
+        v = self.values
+        return RestartPolicy(max_restarts=v["max_restarts"], window_s=v["restart_window"],
+                             backoff_initial_s=v["backoff_initial"], backoff_max_s=v["backoff_max"])
+
+
+def build_config(layers: Sequence[Layer]) -> RunConfig:
+    """Validate and merge layers (lowest first) over the defaults and the chosen regime's preset."""
+    explicit: dict[str, Any] = {}
+    for layer in layers:
+        explicit = _merge(explicit, validate_layer(layer))
+    regime = explicit.get("regime", DEFAULT_REGIME)
+    preset = validate_layer(Layer(f"regime {regime!r}", REGIMES[regime]))
+    values = _merge(_merge(DEFAULTS, preset), explicit)
+    values["regime"] = regime
+    values["mirror_keep"] = {**values["keep"], **explicit.get("mirror_keep", {})}
+    if values["resume"] == "best" and not values.get("monitor"):
+        raise ConfigError("resume = 'best' needs a monitored metric: set monitor (e.g. --monitor val_acc)")
+    return RunConfig(values=values, explicit=explicit)
+
+
+def read_toml(path: str) -> Layer:
+    """A config file as a layer; a missing or unparsable file is a ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return Layer(f"config {path}", tomllib.load(f))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the --config path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config {path} cannot be read: {exc.strerror}") from None
+
+
+def explicit_for_worker(config: RunConfig) -> dict[str, Any]:
+    """The settings a worker should apply over its own defaults (never the storage credentials)."""
+    keep = ("regime", "monitor", "mode", "save", "keep")
+    return {k: v for k, v in config.explicit.items() if k in keep}

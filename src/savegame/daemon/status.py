@@ -1,0 +1,103 @@
+"""The daemon's status file: written atomically in the run folder, read by `savegame status`."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping, Optional
+
+STATUS_DIR = ".savegame"
+STATUS_FILE = "status.json"
+
+
+def status_path(run_dir: str) -> str:
+    return os.path.join(run_dir, STATUS_DIR, STATUS_FILE)
+
+
+def write_status(run_dir: str, status: Mapping[str, Any]) -> None:
+    """Replace the status file atomically (write a temporary file, then rename)."""
+    path = status_path(run_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({**status, "updated": time.time()}, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(status_path(run_dir), encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _age(then: Optional[float], now: float) -> str:
+    if not then:
+        return "-"
+    seconds = max(now - then, 0)
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.1f}m ago"
+
+
+def _alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str:
+    now = time.time() if now is None else now
+    state = status.get("state", "?")
+    if state not in ("succeeded", "failed", "stopped") and not _alive(status.get("daemon_pid")):
+        state += " (the daemon is not running)"
+    ckpt = status.get("last_checkpoint") or {}
+    beat = status.get("heartbeat") or {}
+    mirror = status.get("mirror") or {}
+    restarts = status.get("restarts") or {}
+    lines = [
+        f"state:           {state}  ({status.get('reason', '')})",
+        f"worker:          pid {status.get('worker_pid') or '-'}, attempt {status.get('attempt', 0)}",
+        f"restarts:        {', '.join(f'{k} {v}' for k, v in sorted(restarts.items())) or 'none'}",
+        f"last checkpoint: " + (f"step {ckpt.get('step')} ({ckpt.get('reason')}), {_age(ckpt.get('time'), now)}"
+                                if ckpt else "none yet"),
+        f"last heartbeat:  " + (f"step {beat.get('step')}, {beat.get('steps_per_s') or 0:.2f} steps/s, "
+                                f"{_age(beat.get('time'), now)}" if beat else "none yet"),
+    ]
+    if mirror:
+        lines.append(f"mirror:          {mirror.get('url')}: {mirror.get('pending', 0)} pending, last confirmed "
+                     f"step {mirror.get('confirmed_step', '-')}, lag {mirror.get('lag_s') or 0:.1f}s")
+    return "\n".join(lines)
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def settings_path(run_dir: str) -> str:
+    return os.path.join(run_dir, STATUS_DIR, SETTINGS_FILE)
+
+
+def write_worker_settings(run_dir: str, settings: Mapping[str, Any]) -> str:
+    """The settings the user gave the daemon, for the worker (SAVEGAME_CONFIG) and for ls/prune."""
+    path = settings_path(run_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(dict(settings), f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def read_worker_settings(run_dir: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(settings_path(run_dir), encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,139 @@
+"""The inspection commands (ls, verify, prune, restore): data first, text second.
+
+Each command builds plain rows (what --json prints), and a formatter turns them into a table.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+from savegame.config import RunConfig
+from savegame.errors import CheckpointNotFound, ConfigError
+from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
+from savegame.strategies import plan_retention, resume_candidates
+
+log = logging.getLogger("savegame")
+
+
+def open_existing(url: str, storage_options: Optional[Mapping[str, Any]] = None) -> CheckpointStore:
+    store = CheckpointStore(url, storage_options)
+    if not store.exists():
+        raise ConfigError(f"{store.url} does not exist; check the path (or the bucket name)")
+    return store
+
+
+def _plan(checkpoints: list[CheckpointInfo], config: RunConfig, protected: Mapping[int, str], now: datetime):
+    return plan_retention(checkpoints, config.retention(), now, monitor=config.monitor,  # type: ignore[arg-type]
+                          protected=protected)
+
+
+def ls_rows(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str],
+            now: Optional[datetime] = None) -> list[dict[str, Any]]:
+    now = now or datetime.now(timezone.utc)
+    scan = store.scan()
+    plan = _plan(scan.committed, config, protected, now)
+    rows = [{"step": c.step, "epoch": c.epoch, "reason": c.reason, "metrics": dict(c.metrics),
+             "created": c.manifest.created, "bytes": c.bytes, "path": c.path, "status": "committed",
+             "keep": plan.keep.get(c.step, [])} for c in scan.committed]
+    for status, problems in (("damaged", scan.damaged), ("incomplete", scan.incomplete),
+                             ("quarantined", scan.quarantined)):
+        rows += [{"step": p.step, "epoch": None, "reason": None, "metrics": {}, "created": None, "bytes": None,
+                  "path": store.path_of(p.name), "status": status, "problem": p.problem, "keep": []}
+                 for p in problems]
+    return sorted(rows, key=lambda r: (r["step"], r["status"]))
+
+
+def verify_rows(store: CheckpointStore, step: Optional[int] = None) -> list[dict[str, Any]]:
+    scan = store.scan()
+    rows = [{"step": c.step, "path": c.path, "ok": not (problems := store.verify(c)), "problems": problems}
+            for c in scan.committed if step is None or c.step == step]
+    for problem in scan.damaged + scan.incomplete:
+        if step is None or problem.step == step:
+            rows.append({"step": problem.step, "path": store.path_of(problem.name), "ok": False,
+                         "problems": [problem.problem]})
+    if step is not None and not rows:
+        raise CheckpointNotFound(f"{store.url}: no checkpoint at step {step}; `savegame ls {store.url}` lists them")
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str], dry_run: bool,
+          now: Optional[datetime] = None) -> dict[str, Any]:
+    """Delete what the policy does not keep (never anything damaged or uncommitted), then collect stale staging."""
+    now = now or datetime.now(timezone.utc)
+    checkpoints = store.list()
+    plan = _plan(checkpoints, config, protected, now)
+    by_step = {c.step: c for c in checkpoints}
+    result = {"keep": [{"step": s, "why": why} for s, why in plan.keep.items()],
+              "delete": [{"step": s, "path": by_step[s].path} for s in plan.delete], "collected": []}
+    if dry_run:
+        return result
+    for step in plan.delete:
+        store.delete(step)
+        log.info("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
+    result["collected"] = store.collect_garbage(config["stale_after"])
+    return result
+
+
+def choose(store: CheckpointStore, which: str, step: Optional[int], config: RunConfig) -> CheckpointInfo:
+    checkpoints = store.list()
+    if which == "step":
+        return store.get(step)  # type: ignore[arg-type]
+    monitor = config.monitor
+    if which == "best" and monitor is None:
+        raise ConfigError("--best needs --monitor NAME (and --mode min|max)")
+    candidates = resume_candidates(checkpoints, which, *(monitor or (None, "max")))  # type: ignore[arg-type]
+    if not candidates:
+        raise CheckpointNotFound(f"{store.url}: no committed checkpoint to restore")
+    return candidates[0]
+
+
+def restore(store: CheckpointStore, info: CheckpointInfo, to: str) -> CheckpointInfo:
+    """Copy one checkpoint into the local run root `to` (verified byte by byte), ready to resume from."""
+    dest = CheckpointStore(to)
+    if not dest.is_local:
+        raise ConfigError(f"--to must be a local folder, not {to}")
+    return copy_checkpoint(store, info, dest)
+
+
+def human_size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def human_age(created: Optional[str], now: datetime) -> str:
+    if not created:
+        return "-"
+    seconds = (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def format_ls(rows: list[dict[str, Any]], now: Optional[datetime] = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    table = []
+    for r in rows:
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))
+        why = ", ".join(r["keep"]) if r["status"] == "committed" else f"{r['status'].upper()}: {r.get('problem')}"
+        if r["status"] == "committed" and not r["keep"]:
+            why = "(prune would delete)"
+        table.append([str(r["step"]), "-" if r["epoch"] is None else str(r["epoch"]), r["reason"] or "-",
+                      metrics or "-", human_size(r["bytes"]), human_age(r["created"], now), why])
+    if not table:
+        return "no checkpoints"
+    return format_table(["STEP", "EPOCH", "REASON", "METRICS", "SIZE", "AGE", "KEPT BECAUSE"], table)

@@ -1,0 +1,1 @@
+"""What training scripts import: the Checkpointer and the framework adapters (loaded lazily)."""

@@ -1,0 +1,98 @@
+"""What a framework adapter provides to the Checkpointer, and what it gets to restore from.
+
+Call order, per save:   capture()  on the training thread (copy into reusable host buffers)
+                        -> the Checkpointer writes Capture.blobs/state/files in the background
+                        -> the next capture() only starts after that write has finished.
+Per resume:             restore(reader) once, before training continues.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from savegame.errors import CorruptCheckpoint, UnsupportedFormat
+from savegame.storage import CheckpointInfo, CheckpointStore
+from savegame.storage.checksum import Hasher
+from savegame.worker.safetensors_io import Allocate, TensorBlob, read_safetensors
+
+TENSORS_FILE = "state.safetensors"
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+UNSAFE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".npy", ".npz")
+
+
+@dataclass
+class Capture:
+    """A snapshot of framework state, ready to be written without touching the live objects."""
+
+    blobs: list[TensorBlob] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)  # JSON-able
+    files: dict[str, str] = field(default_factory=dict)  # relpath -> local file to copy in
+    cleanup: Optional[Callable[[], None]] = None  # run after the write (e.g. remove a temp folder)
+
+
+class Adapter(Protocol):
+    framework: str
+
+    def capture(self) -> Capture: ...
+
+    def restore(self, reader: "CheckpointReader") -> None: ...
+
+
+class CheckpointReader:
+    """Verified access to one checkpoint's payload: every byte handed out matches the manifest."""
+
+    def __init__(self, store: CheckpointStore, info: CheckpointInfo) -> None:
+        self.store = store
+        self.info = info
+        self._entries = {f.path: f for f in info.manifest.files}
+        for path in self._entries:
+            if path.endswith(UNSAFE_SUFFIXES):
+                raise UnsupportedFormat(f"{info.path}: {path} may be a pickle; savegame never loads pickles")
+        self.state = self._load_state()
+
+    def has(self, relpath: str) -> bool:
+        return relpath in self._entries
+
+    def _entry(self, relpath: str) -> Any:
+        if relpath not in self._entries:
+            raise CorruptCheckpoint(f"{self.info.path}: {relpath} is not in the manifest")
+        return self._entries[relpath]
+
+    def read_bytes(self, relpath: str) -> bytes:
+        entry = self._entry(relpath)
+        with self.store.open_file(self.info, relpath) as stream:
+            data = stream.read()
+        hasher = Hasher()
+        hasher.update(data)
+        if (hasher.bytes, hasher.digest()) != (entry.bytes, entry.checksum):
+            raise CorruptCheckpoint(f"{self.info.path}: {relpath}: checksum mismatch: the file was altered or damaged")
+        return data
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.read_bytes(STATE_FILE))
+        except ValueError:
+            raise CorruptCheckpoint(f"{self.info.path}: {STATE_FILE} is not valid JSON") from None
+        if not isinstance(state, dict) or not isinstance(state.get("format"), int):
+            raise CorruptCheckpoint(f"{self.info.path}: {STATE_FILE} has no format")
+        if state["format"] > STATE_FORMAT:
+            raise UnsupportedFormat(f"{self.info.path}: state format {state['format']} is newer than this "
+                                    f"savegame reads ({STATE_FORMAT}); upgrade savegame")
+        return state
+
+    def read_tensors(self, allocate: Allocate) -> dict[str, str]:
+        """Stream state.safetensors into the buffers `allocate` gives, checking the checksum on the way."""
+        entry = self._entry(TENSORS_FILE)
+        with self.store.open_file(self.info, TENSORS_FILE) as stream:
+            return read_safetensors(stream, allocate, f"{self.info.path}/{TENSORS_FILE}",
+                                    expected=(entry.bytes, entry.checksum))
+
+    def verified_local_path(self, relpath: str) -> str:
+        """A local path to a payload file after checking its checksum (local stores only)."""
+        if not self.store.is_local:
+            raise ValueError("verified_local_path needs a local store")
+        self.read_bytes(relpath)
+        return os.path.join(self.info.path, relpath)

@@ -1,0 +1,341 @@
+"""The Checkpointer: the one object a training script creates.
+
+    ckpt = Checkpointer(args.dir, monitor="val_acc", mode="max")
+    ckpt.track(model=model, optimizer=optimizer, scheduler=scheduler)
+    ckpt.restore()                              # resumes if there is a checkpoint
+    for epoch in ckpt.epochs(args.epochs):
+        for x, y in ckpt.batches(loader):       # resumes at the next batch; step boundaries
+            train_step(x, y)
+        ckpt.end_epoch(val_acc=evaluate())
+    ckpt.finish()
+
+At each step boundary it follows the save schedule, answers stop requests (SIGTERM: save, exit
+75) and checkpoint-now requests (SIGUSR1), and reports heartbeats to the daemon when there is one.
+Saving copies state into host buffers on this thread; writing and committing happen in the
+background. Without a daemon it also applies retention itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+from savegame import protocol
+from savegame.config import Layer, RunConfig, build_config
+from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, SavegameError, StorageError
+from savegame.storage import CheckpointInfo, CheckpointStore
+from savegame.strategies import History, Moment, next_history, plan_retention, resume_candidates
+from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
+from savegame.worker.codec import Encoder, decode
+from savegame.worker.progress import Progress, rng_state, set_rng_state
+from savegame.worker.signals import StopRequests
+from savegame.worker.writer import BackgroundWriter, SaveJob
+
+log = logging.getLogger("savegame.worker")
+HEARTBEAT_INTERVAL_S = 0.5
+MAX_FAILED_SAVES = 3
+
+
+class Checkpointer:
+    def __init__(self, dir: Optional[str] = None, *, monitor: Optional[str] = None, mode: str = "auto",
+                 regime: Optional[str] = None, every_steps: Optional[int] = None,
+                 every_epochs: Optional[int] = None, every_seconds: Optional[float] = None,
+                 keep_last: Optional[int] = None, keep_best: Optional[int] = None,
+                 min_delta: Optional[float] = None, framework: Optional[str] = None,
+                 handle_signals: bool = True) -> None:
+        self.supervised = bool(os.environ.get(protocol.ENV_EVENTS))
+        self.dir = self._choose_dir(dir)
+        self.config = self._load_config(locals())
+        self.store = CheckpointStore(self.dir)
+        self.run_id = os.environ.get(protocol.ENV_RUN_ID) or uuid.uuid4().hex[:12]
+        self.progress = Progress()
+        self.state: dict[str, Any] = {}  # the script's own counters; saved and restored as JSON
+        self.resumed_from: Optional[int] = None
+        self.metrics: dict[str, float] = {}
+        self._framework = framework
+        self._adapter: Optional[Adapter] = None
+        self._schedule = self.config.schedule()
+        self._history = History(last_time=time.monotonic())
+        self._events = protocol.DatagramSender(os.environ.get(protocol.ENV_EVENTS))
+        self._requests = StopRequests()
+        if handle_signals:
+            self._requests.install()
+        self._writer = BackgroundWriter(self.store, self._on_write_done)
+        self._committed_step: Optional[int] = None
+        self._failed_saves = 0
+        self._last_heartbeat = 0.0
+        self._resume_mid_epoch = False
+        self._epoch_open = False
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _choose_dir(self, given: Optional[str]) -> str:
+        env_dir = os.environ.get(protocol.ENV_DIR)
+        if given and env_dir and os.path.abspath(given) != os.path.abspath(env_dir):
+            log.warning("saving to %s, but the daemon watches %s: pass --dir %s or leave it unset",
+                        given, env_dir, env_dir)
+        return given or env_dir or "./checkpoints"
+
+    def _load_config(self, args: Mapping[str, Any]) -> RunConfig:
+        script: dict[str, Any] = {k: args[k] for k in ("monitor", "regime") if args[k] is not None}
+        if args["monitor"] is not None:
+            script["mode"] = args["mode"]
+        save = {k: args[k] for k in ("every_steps", "every_epochs", "every_seconds", "min_delta") if args[k] is not None}
+        keep = {name: args[f"keep_{name}"] for name in ("last", "best") if args[f"keep_{name}"] is not None}
+        layers = [Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
+                                              **({"keep": keep} if keep else {})})]
+        config_path = os.environ.get(protocol.ENV_CONFIG)
+        if config_path:
+            import json
+            with open(config_path, encoding="utf-8") as f:
+                layers.append(Layer(f"daemon settings ({config_path})", json.load(f)))
+        return build_config(layers)
+
+    def track(self, **objects: Any) -> "Checkpointer":
+        """Register what to save: model=, optimizer=, scheduler=, scaler=, sampler=, ... (any names)."""
+        if self._adapter is None:
+            self._adapter = _make_adapter(self._framework, objects)
+        self._adapter.add(**objects)  # type: ignore[attr-defined]
+        return self
+
+    @property
+    def framework(self) -> str:
+        return self._adapter.framework if self._adapter else "none"
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def restore(self) -> Optional[CheckpointInfo]:
+        """Load the checkpoint to resume from, if any. Returns it, or None for a fresh start."""
+        for store, info in self._resume_candidates():
+            try:
+                self._load(store, info)
+            except (CorruptCheckpoint, SavegameError, ValueError) as exc:
+                if self.supervised:
+                    log.error("cannot resume from %s: %s", info.path, exc)
+                    self._events.send("bad-checkpoint", step=info.step, problem=str(exc))
+                    raise SystemExit(protocol.EXIT_BAD_CHECKPOINT) from None
+                log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
+                continue
+            log.info("resumed from step %d (epoch %d, %s) at %s", info.step, info.epoch, info.reason, info.path)
+            self._report("resumed")
+            return info
+        self._report("started")
+        return None
+
+    def _resume_candidates(self) -> list[tuple[CheckpointStore, CheckpointInfo]]:
+        chosen = os.environ.get(protocol.ENV_RESUME_FROM)
+        if self.supervised or chosen:
+            if not chosen:
+                return []  # the daemon chose a fresh start
+            store = CheckpointStore(os.path.dirname(os.path.abspath(chosen)))
+            found = [c for c in store.list() if c.name == os.path.basename(os.path.abspath(chosen))]
+            if not found:
+                log.error("asked to resume from %s, which is not a committed checkpoint", chosen)
+                raise SystemExit(protocol.EXIT_BAD_CHECKPOINT)
+            return [(store, found[0])]
+        self.store.collect_garbage()
+        monitor = self.config.monitor
+        ranked = resume_candidates(self.store.list(), self.config["resume"], *(monitor or (None, "max")))
+        return [(self.store, info) for info in ranked]
+
+    def _load(self, store: CheckpointStore, info: CheckpointInfo) -> None:
+        reader = CheckpointReader(store, info)
+        core = reader.state
+        if self._adapter is not None:
+            self._adapter.restore(reader)
+        self.progress = Progress.from_json(core["progress"])
+        self.state = decode(core.get("user", {"__dict__": {}}), _no_tensors)
+        history = core.get("history", {})
+        self._history = History(last_step=info.step, last_time=time.monotonic(), best=history.get("best"))
+        set_rng_state(core.get("rng", {}))
+        self.resumed_from = info.step
+        self._committed_step = info.step
+        self._resume_mid_epoch = self.progress.batch_in_epoch > 0
+
+    # -- the training loop ----------------------------------------------------------------------
+
+    def epochs(self, total: int) -> Iterator[int]:
+        """Epoch indices from where the run stands to `total` - 1."""
+        while self.progress.epoch < total:
+            self._epoch_open = True
+            yield self.progress.epoch
+            if self._epoch_open:
+                self.end_epoch()
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Iterate a loader from the resume position; each batch's end is a step boundary."""
+        skip = self.progress.batch_in_epoch if self._resume_mid_epoch else 0
+        prepare = getattr(self._adapter, "prepare_loader", None)
+        iterator, skipped = (prepare(loader, self.progress.epoch, skip, self._resume_mid_epoch)
+                             if prepare else (iter(loader), 0))
+        self._resume_mid_epoch = False
+        for _ in range(skip - skipped):
+            next(iterator)  # a loader we cannot fast-forward: consume the batches already trained
+        for batch in iterator:
+            yield batch
+            self.step()
+
+    def step(self, **metrics: float) -> None:
+        """A step boundary: count the step, then save, stop or report as needed."""
+        self.progress.step += 1
+        self.progress.batch_in_epoch += 1
+        self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), False, metrics))
+
+    def end_epoch(self, **metrics: float) -> None:
+        """An epoch boundary, with the epoch's validation metrics (they go into the manifest)."""
+        self._epoch_open = False
+        self.progress.epoch += 1
+        self.progress.batch_in_epoch = 0
+        self.metrics = {k: float(v) for k, v in metrics.items()}
+        self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), True, self.metrics))
+
+    def _boundary(self, moment: Moment) -> None:
+        self._heartbeat()
+        if self._requests.stop:
+            self._stop(moment)
+        reason = "manual" if self._requests.take_checkpoint() else self._schedule.due(moment, self._history)
+        if reason:
+            self._save(reason, moment.metrics)
+        monitor = self.config.monitor
+        self._history = next_history(self._history, moment, bool(reason), *(monitor or (None, "max")))
+
+    @property
+    def best(self) -> Optional[float]:
+        """The best value of the monitored metric so far (survives resumes)."""
+        return self._history.best
+
+    @property
+    def should_stop(self) -> bool:
+        return self._requests.stop
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, reason: str = "manual", wait: bool = False) -> None:
+        """Save now (at a step boundary). `wait=True` returns only once it is committed."""
+        self._save(reason, self.metrics if self.progress.batch_in_epoch == 0 else {})
+        if wait:
+            self._writer.wait()
+
+    def _save(self, reason: str, metrics: Mapping[str, float]) -> None:
+        step = self.progress.step
+        if step == self._writer.inflight_step:
+            self._wait_for_writer()  # the same state is being written: wait, and retry only if it failed
+        if step == self._committed_step:
+            return  # this exact state is already committed
+        if self._adapter is None:
+            raise ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first")
+        self._wait_for_writer()  # back-pressure: the buffers are free once the last save is written
+        if self._failed_saves >= MAX_FAILED_SAVES:
+            raise StorageError(f"{self._failed_saves} checkpoints in a row failed to save (see the log); "
+                               "stopping rather than training on without a way back")
+        capture = self._adapter.capture()
+        self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
+                                    self.framework, self.run_id, self.resumed_from))
+
+    def _wait_for_writer(self) -> None:
+        self._writer.wait()
+
+    def _core_state(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "progress": self.progress.to_json(), "rng": rng_state(),
+                "user": Encoder(lambda _: False).encode(self.state, "user"),
+                "history": {"best": self._history.best}}
+
+    def _on_write_done(self, job: SaveJob, info: Optional[CheckpointInfo], error: Optional[BaseException]) -> None:
+        """Runs on the writer thread when a save is committed or has failed."""
+        if error is not None:
+            exists = isinstance(error, CheckpointExists)
+            self._failed_saves += 0 if exists else 1
+            level = log.warning if exists else log.error
+            level("checkpoint at step %d not saved: %s", job.step, error)
+            self._events.send("save-failed", step=job.step, error=str(error))
+            return
+        assert info is not None
+        self._failed_saves = 0
+        self._committed_step = info.step
+        log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
+        self._events.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
+                          bytes=info.bytes, metrics=dict(info.metrics))
+        if not self.supervised:
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        protected = {self.resumed_from: "resume source"} if self.resumed_from is not None else {}
+        plan = plan_retention(self.store.list(), self.config.retention(), datetime.now(timezone.utc),
+                              monitor=self.config.monitor, protected=protected)  # type: ignore[arg-type]
+        for step in plan.delete:
+            self.store.delete(step)
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    def _stop(self, moment: Moment) -> None:
+        """Emergency: commit this step's state (unless it already is), then exit 75."""
+        self._events.send("saving", step=moment.step, reason="emergency")
+        self._save("emergency", moment.metrics if moment.at_epoch_end else {})
+        self._writer.wait()
+        if self._failed_saves:
+            log.error("the emergency checkpoint failed; exiting without it")
+            self.close()
+            raise SystemExit(protocol.EXIT_FAILED)
+        self._report("stopping")
+        self.close()
+        raise SystemExit(protocol.EXIT_SAVED_RESUME_ME)
+
+    def finish(self) -> None:
+        """End of training: commit the final state, wait for it, tell the daemon."""
+        self._save("final", self.metrics)
+        self._writer.wait()
+        self._report("finished")
+        self.close()
+
+    def close(self) -> None:
+        self._writer.close()
+        self._events.close()
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self._last_heartbeat = now
+            self._report("heartbeat")
+
+    def _report(self, event: str) -> None:
+        self._events.send(event, step=self.progress.step, epoch=self.progress.epoch,
+                          resumed_from=self.resumed_from, time=time.time())
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _no_tensors(name: str) -> Any:
+    raise CorruptCheckpoint(f"unexpected tensor {name!r} in the script's state")
+
+
+def _make_adapter(framework: Optional[str], objects: Mapping[str, Any]) -> Adapter:
+    name = framework or _detect_framework(objects)
+    if name == "torch":
+        from savegame.worker.torch import TorchAdapter
+        return TorchAdapter()
+    if name == "keras":
+        from savegame.worker.keras import KerasAdapter
+        return KerasAdapter()
+    if name == "tensorflow":
+        from savegame.worker.tensorflow import TensorFlowAdapter
+        return TensorFlowAdapter()
+    raise ConfigError(f"unknown framework {name!r}; use torch, keras or tensorflow")
+
+
+def _detect_framework(objects: Mapping[str, Any]) -> str:
+    for obj in objects.values():
+        module = type(obj).__module__.split(".")[0]
+        if module in ("torch", "keras", "tensorflow"):
+            return module
+        for base in type(obj).__mro__:
+            root = base.__module__.split(".")[0]
+            if root in ("torch", "keras", "tensorflow"):
+                return root
+    raise ConfigError("cannot tell the framework of the tracked objects; pass framework='torch' (or keras, tensorflow)")

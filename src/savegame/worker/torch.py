@@ -1,0 +1,243 @@
+"""PyTorch adapter: models, optimizers, schedulers, GradScalers, RNG states and the data position.
+
+Saving copies every tensor into one reusable host buffer (pinned when the state is on a GPU), so
+the training thread pays one memcpy; the buffer is written in the background. Restoring reads
+straight into the model's own CPU tensors where it can, and into fresh CPU tensors otherwise;
+`load_state_dict` then moves them to the right device, so a GPU checkpoint loads on a CPU-only
+machine. Nothing is unpickled: tensors come from safetensors, everything else from JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from savegame.errors import ConfigError, CorruptCheckpoint
+from savegame.worker.adapter import Capture, CheckpointReader
+from savegame.worker.codec import Encoder, decode
+from savegame.worker.safetensors_io import TensorBlob, TensorInfo
+
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+          torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+ALIGN = 64
+
+
+def _bytes_view(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor's memory."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+class HostBuffers:
+    """One flat host buffer, reused from save to save while the state's layout stays the same."""
+
+    def __init__(self) -> None:
+        self._flat: Optional[torch.Tensor] = None
+        self._layout: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
+
+    def copy(self, tensors: dict[str, torch.Tensor]) -> list[TensorBlob]:
+        layout, offset = [], 0
+        for name, t in tensors.items():
+            if t.dtype not in DTYPES:
+                raise ConfigError(f"{name}: tensors of dtype {t.dtype} cannot be saved")
+            size = t.numel() * t.element_size()
+            layout.append((name, t.dtype, tuple(t.shape), offset, size))
+            offset += -(-size // ALIGN) * ALIGN
+        on_gpu = any(t.device.type == "cuda" for t in tensors.values())
+        if layout != self._layout or self._flat is None:
+            self._flat = None  # free the old buffer before taking a new one
+            self._flat = torch.empty(max(offset, 1), dtype=torch.uint8, pin_memory=on_gpu)
+            self._layout = layout
+        for (name, _dtype, _shape, start, size), t in zip(layout, tensors.values()):
+            src = t.detach()
+            if not src.is_contiguous():
+                src = src.contiguous()
+            self._flat[start:start + size].copy_(_bytes_view(src), non_blocking=on_gpu)
+        if on_gpu:
+            torch.cuda.synchronize()
+        flat = self._flat.numpy()
+        return [TensorBlob(name, DTYPES[dtype], shape, memoryview(flat[start:start + size]))
+                for name, dtype, shape, start, size in layout]
+
+
+class TorchAdapter:
+    framework = "torch"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self._buffers = HostBuffers()
+
+    def add(self, **objects: Any) -> None:
+        for name, obj in objects.items():
+            if "." in name:
+                raise ConfigError(f"track(): the name {name!r} must not contain '.'")
+            if isinstance(obj, ResumableSampler):
+                continue  # its position is the Checkpointer's progress; nothing else to save
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise ConfigError(f"track(): {name}={type(obj).__name__} has no state_dict()/load_state_dict()")
+            self.objects[name] = obj
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def capture(self) -> Capture:
+        encoder = Encoder(lambda x: isinstance(x, torch.Tensor))
+        skeleton = {name: encoder.encode(obj.state_dict(), name) for name, obj in self.objects.items()}
+        rng = encoder.encode(_torch_rng_states(), "rng")
+        blobs = self._buffers.copy(encoder.tensors)
+        return Capture(blobs=blobs, state={"objects": skeleton, "rng": rng})
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def restore(self, reader: CheckpointReader) -> None:
+        state = reader.state.get("adapter", {})
+        saved = state.get("objects", {})
+        missing = sorted(set(self.objects) - set(saved))
+        if missing:
+            raise ConfigError(f"{reader.info.path} holds no state for {missing}; it was saved by another script")
+        in_place = self._live_tensors()
+        loaded: dict[str, torch.Tensor] = {}
+
+        def allocate(info: TensorInfo) -> memoryview:
+            target = in_place.get(info.name)
+            if target is None or target.dtype != TORCH_DTYPES[info.dtype] or tuple(target.shape) != info.shape:
+                target = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+                in_place.pop(info.name, None)
+            loaded[info.name] = target
+            return memoryview(_bytes_view(target).numpy())
+
+        with torch.no_grad():
+            reader.read_tensors(allocate)
+        tensor = _lookup(loaded, reader)
+        for name, obj in self.objects.items():
+            self._load_object(name, obj, decode(saved[name], tensor), in_place, reader)
+        _set_torch_rng_states(decode(state.get("rng", {"__dict__": {}}), tensor))
+
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        """Model tensors that can be read into directly: on the CPU and contiguous."""
+        live = {}
+        for name, obj in self.objects.items():
+            if isinstance(obj, torch.nn.Module):
+                for key, t in obj.state_dict().items():
+                    if t.device.type == "cpu" and t.is_contiguous():
+                        live[f"{name}.{key}"] = t
+        return live
+
+    def _load_object(self, name: str, obj: Any, state: Any, in_place: dict[str, torch.Tensor],
+                     reader: CheckpointReader) -> None:
+        if isinstance(obj, torch.nn.Module):
+            expected = set(obj.state_dict())
+            if set(state) != expected:
+                raise ConfigError(f"{reader.info.path}: {name} does not match the model: missing "
+                                  f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+            if all(f"{name}.{key}" in in_place for key in state):
+                return  # every tensor was read straight into the model
+        try:
+            obj.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"{reader.info.path}: cannot load {name}: {exc}") from None
+
+    # -- data position --------------------------------------------------------------------------
+
+    def prepare_loader(self, loader: Iterable[Any], epoch: int, skip_batches: int,
+                       mid_epoch: bool) -> tuple[Iterator[Any], int]:
+        """Point a ResumableSampler at this epoch and resume position; returns (iterator, batches skipped)."""
+        sampler, batch_size = _resumable_sampler(loader)
+        skipped = 0
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            if skip_batches and batch_size:
+                sampler.set_start(skip_batches * batch_size)
+                skipped = skip_batches
+        # Resuming mid-epoch, the saved RNG state already reflects this epoch's iter(loader).
+        with preserved_rng() if mid_epoch else contextlib.nullcontext():
+            iterator = iter(loader)
+        return iterator, skipped
+
+
+def _lookup(loaded: dict[str, torch.Tensor], reader: CheckpointReader) -> Any:
+    def tensor(name: str) -> torch.Tensor:
+        if name not in loaded:
+            raise CorruptCheckpoint(f"{reader.info.path}: tensor {name!r} is missing from state.safetensors")
+        return loaded[name]
+    return tensor
+
+
+def _torch_rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = list(torch.cuda.get_rng_state_all())
+    return states
+
+
+def _set_torch_rng_states(states: dict[str, Any]) -> None:
+    if "cpu" in states:
+        torch.set_rng_state(states["cpu"])
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Shuffles like RandomSampler, but from (seed, epoch) alone, and can start mid-epoch.
+
+    Use it as the DataLoader's sampler; `Checkpointer.batches` sets the epoch and the start, so a
+    resumed run sees exactly the batches an uninterrupted run would have seen next.
+    """
+
+    def __init__(self, data_source: Any, shuffle: bool = True, seed: int = 0) -> None:
+        self.size = data_source if isinstance(data_source, int) else len(data_source)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        start, self.start = self.start, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
+def _resumable_sampler(loader: Any) -> tuple[Optional[ResumableSampler], Optional[int]]:
+    sampler = getattr(loader, "sampler", None)
+    batch_size = getattr(loader, "batch_size", None)
+    if not isinstance(sampler, ResumableSampler):
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        sampler = getattr(batch_sampler, "sampler", None)
+        batch_size = getattr(batch_sampler, "batch_size", None)
+    return (sampler, batch_size) if isinstance(sampler, ResumableSampler) else (None, None)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A hash of the model's weights (names and bytes, in order), to compare runs bit for bit."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(_bytes_view(t.detach().cpu().contiguous()).numpy().tobytes())
+    return digest.hexdigest()
