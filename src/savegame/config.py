@@ -120,7 +120,7 @@ SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, 
 DEFAULTS: dict[str, Any] = {
     "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
     "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
-    "mirror_deadline": 600.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
+    "mirror_deadline": 60.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
 }
 
 

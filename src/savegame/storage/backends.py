@@ -24,6 +24,7 @@ from savegame.storage.manifest import MANIFEST_NAME, step_of_folder
 
 QUARANTINE_NAME = "QUARANTINE.json"
 STAGING_DIR = ".staging"
+QUARANTINE_DIR = ".quarantine"
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class LocalBackend:
             step = step_of_folder(name)
             if step is not None:
                 entries.append(self._entry(name, step))
-        return entries
+        return entries + self._quarantined()
 
     def _entry(self, name: str, step: int) -> FolderEntry:
         folder = os.path.join(self.root, name)
@@ -205,11 +206,24 @@ class LocalBackend:
         if os.path.exists(folder):
             shutil.rmtree(folder)  # raise the real error if it is still there
 
-    def write_marker(self, name: str, data: bytes) -> None:
-        path = os.path.join(self.full(name), QUARANTINE_NAME)
-        with open(path, "wb") as f:
+    def quarantine(self, name: str, data: bytes) -> None:
+        """Mark the folder, then move it aside into .quarantine/, so its step is free again."""
+        folder = self.full(name)
+        with open(os.path.join(folder, QUARANTINE_NAME), "wb") as f:
             f.write(data)
             os.fsync(f.fileno())
+        aside = os.path.join(self.root, QUARANTINE_DIR)
+        os.makedirs(aside, exist_ok=True)
+        os.rename(folder, os.path.join(aside, f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:6]}"))
+        _fsync_dir(self.root)
+
+    def _quarantined(self) -> list[FolderEntry]:
+        try:
+            names = os.listdir(os.path.join(self.root, QUARANTINE_DIR))
+        except FileNotFoundError:
+            return []
+        steps = [(n, step_of_folder(n.split(".")[0])) for n in names]
+        return [FolderEntry(f"{QUARANTINE_DIR}/{n}", step, None, None, True, None) for n, step in steps if step is not None]
 
     def list_staging(self) -> list[StagingEntry]:
         base = os.path.join(self.root, STAGING_DIR)
@@ -289,6 +303,12 @@ class _ObjectStaging:
         self._backend.put_create_only(f"{self._name}/{MANIFEST_NAME}", manifest)
 
     def abort(self) -> None:
+        # Staging is the final prefix here: if another writer committed this step meanwhile,
+        # these paths hold its payload now, and removing them would break a committed checkpoint.
+        manifest = self._backend.full(f"{self._name}/{MANIFEST_NAME}")
+        self._backend.fs.invalidate_cache(manifest)
+        if self._backend.fs.exists(manifest):
+            return
         for path in self._written:
             try:
                 self._backend.fs.rm_file(path)
@@ -397,7 +417,8 @@ class ObjectBackend:
             pass
         self.fs.invalidate_cache(self.root)
 
-    def write_marker(self, name: str, data: bytes) -> None:
+    def quarantine(self, name: str, data: bytes) -> None:
+        """Object stores cannot rename cheaply: a marker file takes the folder out of the listing."""
         self.fs.pipe_file(self.full(f"{name}/{QUARANTINE_NAME}"), data)
 
     def list_staging(self) -> list[StagingEntry]:

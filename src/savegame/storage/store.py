@@ -294,11 +294,14 @@ class CheckpointStore:
             self._backend.remove_folder(name)
 
     def quarantine(self, step: int, reason: str) -> None:
-        """Mark a damaged checkpoint so it is never resumed from nor deleted by retention."""
+        """Set a damaged checkpoint aside: never resumed from, never deleted by retention, kept to inspect.
+
+        Local disk moves it into .quarantine/ (freeing its step for a good copy); object stores mark it.
+        """
         name = folder_name(step)
         marker = json.dumps({"reason": reason, "time": utc_now_iso()}).encode()
         with _mapped(f"{self.url}: cannot quarantine {name}"):
-            self._backend.write_marker(name, marker)
+            self._backend.quarantine(name, marker)
 
     def collect_garbage(self, stale_after_s: float = DEFAULT_STALE_AFTER_S,
                         now: float | None = None) -> list[str]:

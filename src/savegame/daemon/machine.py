@@ -1,0 +1,241 @@
+"""The supervisor's state machine: one enum, one pure transition function.
+
+`transition(machine, event, now, policy)` returns the next machine, the actions to perform and the
+reason, and nothing else changes state. The supervisor performs the actions (I/O) and logs every
+transition with its reason, so the whole life of a run can be read from the log.
+
+    STARTING -> RUNNING -> SUCCEEDED                 the worker finished (exit 0)
+                RUNNING -> BACKOFF -> STARTING       it died: restart (after a backoff)
+                RUNNING -> FAILED                    restart budget spent, or a config error
+                RUNNING -> DRAINING -> STOPPED       stop request: emergency checkpoint, exit 75
+                DRAINING -> KILLING -> STOPPED       the grace period ran out
+                RUNNING -> KILLING -> BACKOFF        a hang: stacks dumped, group killed
+"""
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field, replace
+from typing import Optional, Union
+
+from savegame import protocol
+from savegame.strategies.restart import Failure, RestartPolicy, decide
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    KILLING = "killing"
+    BACKOFF = "backoff"
+    SUCCEEDED = "succeeded"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+TERMINAL = (State.SUCCEEDED, State.STOPPED, State.FAILED)
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spawned:
+    pid: int
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    code: Optional[int]  # exit status, or None when killed by a signal
+    signal: Optional[int]
+    last_step: Optional[int]  # the last step the worker reported (or resumed from)
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    signal_name: str
+
+
+@dataclass(frozen=True)
+class CheckpointRequested:
+    pass
+
+
+@dataclass(frozen=True)
+class GraceExpired:
+    pass
+
+
+@dataclass(frozen=True)
+class HangDetected:
+    silent_s: float
+
+
+@dataclass(frozen=True)
+class DumpWaitOver:
+    pass
+
+
+@dataclass(frozen=True)
+class BackoffOver:
+    pass
+
+
+Event = Union[Spawned, SpawnFailed, WorkerExited, StopRequested, CheckpointRequested, GraceExpired,
+              HangDetected, DumpWaitOver, BackoffOver]
+
+
+# -- actions --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StartWorker:
+    fallback: bool  # resume from the checkpoint before the one used last time
+
+
+@dataclass(frozen=True)
+class SignalWorker:
+    signal: int  # to the worker's main process only (its DataLoader children must finish the step)
+
+
+@dataclass(frozen=True)
+class KillGroup:
+    pass
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    name: str  # "grace", "dump", "backoff"
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QuarantineResume:
+    pass
+
+
+@dataclass(frozen=True)
+class Finish:
+    exit_code: int
+
+
+Action = Union[StartWorker, SignalWorker, KillGroup, SetTimer, QuarantineResume, Finish]
+
+
+@dataclass(frozen=True)
+class Machine:
+    state: State = State.STARTING
+    stopping: bool = False  # a stop was requested: never restart again
+    kill_cause: Optional[str] = None  # why KILLING: "grace" or "hang"
+    failures: tuple[Failure, ...] = field(default_factory=tuple)
+    fell_back: bool = False  # a fallback was used once: the next "stuck" gives up
+    fallback_next: bool = False  # the next start resumes from the checkpoint before the last one
+    grace_s: float = 25.0
+    dump_wait_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Transition:
+    machine: Machine
+    actions: tuple[Action, ...]
+    reason: str
+
+
+def transition(m: Machine, event: Event, now: float, policy: RestartPolicy) -> Transition:
+    """The one place state changes. Unexpected events leave the state as it is."""
+    if m.state in TERMINAL:
+        return Transition(m, (), f"{type(event).__name__} ignored: already {m.state.value}")
+    if isinstance(event, StopRequested):
+        return _on_stop(m, event)
+    if isinstance(event, CheckpointRequested):
+        if m.state == State.RUNNING:
+            return Transition(m, (SignalWorker(signal.SIGUSR1),), "checkpoint requested: SIGUSR1 to the worker")
+        return Transition(m, (), f"checkpoint request ignored while {m.state.value}")
+    if isinstance(event, Spawned):
+        return Transition(replace(m, state=State.RUNNING), (), f"worker started (pid {event.pid})")
+    if isinstance(event, SpawnFailed):
+        return Transition(replace(m, state=State.FAILED), (Finish(protocol.EXIT_CONFIG),),
+                          f"cannot start the worker: {event.error}")
+    if isinstance(event, WorkerExited):
+        return _on_exit(m, event, now, policy)
+    if isinstance(event, GraceExpired) and m.state == State.DRAINING:
+        return Transition(replace(m, state=State.KILLING, kill_cause="grace"), (KillGroup(),),
+                          f"the grace period ({m.grace_s:g}s) ran out: killing the worker's process group")
+    if isinstance(event, HangDetected) and m.state == State.RUNNING:
+        return Transition(replace(m, state=State.KILLING, kill_cause="hang"),
+                          (SignalWorker(signal.SIGUSR2), SetTimer("dump", m.dump_wait_s)),
+                          f"no heartbeat for {event.silent_s:.0f}s: dumping the worker's stacks, then killing it")
+    if isinstance(event, DumpWaitOver) and m.state == State.KILLING:
+        return Transition(m, (KillGroup(),), "stack dump time is over: killing the worker's process group")
+    if isinstance(event, BackoffOver) and m.state == State.BACKOFF:
+        return Transition(replace(m, state=State.STARTING, fallback_next=False),
+                          (StartWorker(fallback=m.fallback_next),),
+                          "backoff over: restarting the worker")
+    return Transition(m, (), f"{type(event).__name__} ignored while {m.state.value}")
+
+
+def _on_stop(m: Machine, event: StopRequested) -> Transition:
+    if m.stopping:
+        return Transition(m, (), f"{event.signal_name} again: already stopping, the emergency checkpoint "
+                                 "is not cut short")
+    stopping = replace(m, stopping=True)
+    if m.state == State.RUNNING:
+        return Transition(replace(stopping, state=State.DRAINING),
+                          (SignalWorker(signal.SIGTERM), SetTimer("grace", m.grace_s)),
+                          f"{event.signal_name}: asking the worker for an emergency checkpoint "
+                          f"(grace {m.grace_s:g}s)")
+    if m.state in (State.STARTING, State.BACKOFF):
+        return Transition(replace(stopping, state=State.STOPPED), (Finish(protocol.EXIT_OK),),
+                          f"{event.signal_name} while no worker runs: stopping")
+    return Transition(stopping, (), f"{event.signal_name} while {m.state.value}: will stop once the worker is gone")
+
+
+def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy) -> Transition:
+    how = f"exit code {event.code}" if event.code is not None else f"signal {_signal_name(event.signal)}"
+    if m.stopping:
+        saved = event.code == protocol.EXIT_SAVED_RESUME_ME
+        note = "emergency checkpoint committed" if saved else "no emergency checkpoint: the last one stands"
+        return Transition(replace(m, state=State.STOPPED), (KillGroup(), Finish(protocol.EXIT_OK)),
+                          f"worker exited ({how}) after the stop request: {note}")
+    if event.code == protocol.EXIT_OK:
+        return Transition(replace(m, state=State.SUCCEEDED), (KillGroup(), Finish(protocol.EXIT_OK)),
+                          "worker finished (exit code 0)")
+    if event.code == protocol.EXIT_CONFIG:
+        return Transition(replace(m, state=State.FAILED), (KillGroup(), Finish(protocol.EXIT_CONFIG)),
+                          "worker reported a configuration error (exit code 78): not retrying")
+    cause = _cause(m, event)
+    failures = m.failures + (Failure(now, cause, event.last_step),)  # type: ignore[arg-type]
+    decision = decide(policy, failures, now, m.fell_back)
+    actions: tuple[Action, ...] = (KillGroup(),)
+    if cause == "bad-checkpoint":
+        actions += (QuarantineResume(),)
+    if decision.action == "give-up":
+        return Transition(replace(m, state=State.FAILED, failures=failures), actions + (Finish(protocol.EXIT_FAILED),),
+                          f"worker died ({how}, {cause}); giving up: {decision.reason}")
+    fallback = decision.action == "fallback"
+    return Transition(replace(m, state=State.BACKOFF, failures=failures, fell_back=m.fell_back or fallback,
+                              fallback_next=fallback, kill_cause=None),
+                      actions + (SetTimer("backoff", decision.delay_s),),
+                      f"worker died ({how}, {cause}): {decision.reason}; restart in {decision.delay_s:g}s")
+
+
+def _cause(m: Machine, event: WorkerExited) -> str:
+    if m.kill_cause == "hang":
+        return "hang"
+    if event.code == protocol.EXIT_SAVED_RESUME_ME:
+        return "preempted"  # saved and asked to be resumed, without a stop from us (e.g. SLURM)
+    if event.code == protocol.EXIT_BAD_CHECKPOINT:
+        return "bad-checkpoint"
+    if event.signal == signal.SIGKILL:
+        return "killed"  # not by us: the OOM killer, or an operator
+    return "crash"
+
+
+def _signal_name(number: Optional[int]) -> str:
+    try:
+        return signal.Signals(number).name  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return str(number)

@@ -1,0 +1,176 @@
+"""Mirroring committed local checkpoints to object storage, off the worker's critical path.
+
+One thread owns the remote store: it uploads what the remote lacks (the emergency checkpoint
+first, then newest first), retries with backoff, applies the remote retention, and reports which
+steps the remote holds. The local tier never deletes a checkpoint the remote has not confirmed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+from savegame.errors import CheckpointExists, CorruptCheckpoint, SavegameError
+from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
+from savegame.strategies import plan_retention
+from savegame.strategies.retention import RetentionPolicy
+
+log = logging.getLogger("savegame")
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 30.0
+
+
+class Mirror:
+    def __init__(self, local: CheckpointStore, remote: CheckpointStore, policy: RetentionPolicy,
+                 monitor: Optional[tuple[str, str]], wake: Callable[[], None], stale_after_s: float) -> None:
+        self.local = local
+        self.remote = remote
+        self._policy = policy
+        self._monitor = monitor
+        self._wake = wake
+        self._stale_after_s = stale_after_s
+        self._cond = threading.Condition()
+        self._urgent: Optional[int] = None
+        self._requested = True
+        self._closing = False
+        self._remote_infos: Optional[dict[int, CheckpointInfo]] = None
+        self._skip: set[int] = set()  # damaged locally: never uploaded
+        self.pending: list[int] = []
+        self.declined: set[int] = set()
+        self.last_error: Optional[str] = None
+        self.last_upload: Optional[tuple[int, float]] = None  # (step, wall time)
+        self._busy = False
+        self._thread = threading.Thread(target=self._loop, name="savegame-mirror", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- the loop thread's side -------------------------------------------------------------
+
+    def request_sync(self, urgent_step: Optional[int] = None) -> None:
+        with self._cond:
+            self._requested = True
+            if urgent_step is not None:
+                self._urgent = urgent_step
+            self._cond.notify()
+
+    def confirmed_steps(self) -> set[int]:
+        with self._cond:
+            return set(self._remote_infos or {})
+
+    def remote_listing(self) -> list[CheckpointInfo]:
+        with self._cond:
+            return sorted((self._remote_infos or {}).values(), key=lambda c: c.step)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._requested and not self._busy and not self.pending
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until nothing is left to upload (or the timeout passes); True if all is mirrored."""
+        deadline = time.monotonic() + timeout_s
+        self.request_sync()
+        with self._cond:
+            while self._requested or self._busy or self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.2))
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
+    # -- the mirror thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        retry_s = RETRY_INITIAL_S
+        while True:
+            with self._cond:
+                while not self._requested and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                self._requested, self._busy = False, True
+            try:
+                self._sync()
+                self.last_error, retry_s = None, RETRY_INITIAL_S
+            except SavegameError as exc:
+                self.last_error = str(exc)
+                log.warning("mirror to %s failed (%s); retrying in %.1fs", self.remote.url, exc, retry_s)
+                self._sleep_then_retry(retry_s)
+                retry_s = min(retry_s * 2, RETRY_MAX_S)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                self._wake()
+
+    def _sleep_then_retry(self, seconds: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._closing, timeout=seconds)
+            self._requested = True
+
+    def _sync(self) -> None:
+        if self._remote_infos is None:
+            infos = {c.step: c for c in self.remote.list()}
+            with self._cond:
+                self._remote_infos = infos
+            self.remote.collect_garbage(self._stale_after_s)
+        local = {c.step: c for c in self.local.list() if c.step not in self._skip}
+        wanted = self._wanted({**local, **(self._remote_infos or {})})
+        with self._cond:
+            urgent, self._urgent = self._urgent, None
+            remote = self._remote_infos or {}
+            missing = sorted((s for s in local if s not in remote and s in wanted),
+                             key=lambda s: (s != urgent, -s))
+            self.declined = {s for s in local if s not in remote and s not in wanted}
+            self.pending = missing
+        for step in missing:
+            self._upload(local[step])
+            with self._cond:
+                self.pending = [s for s in self.pending if s != step]
+            self._wake()
+        self._prune_remote()
+
+    def _wanted(self, union: dict[int, CheckpointInfo]) -> set[int]:
+        """The steps the remote policy keeps, judged over everything either tier holds."""
+        plan = plan_retention(list(union.values()), self._policy, datetime.now(timezone.utc),
+                              monitor=self._monitor)  # type: ignore[arg-type]
+        return set(plan.keep)
+
+    def unprotected_steps(self) -> set[int]:
+        """Local steps the local tier may delete: the remote holds them, or does not want them."""
+        with self._cond:
+            return set(self._remote_infos or {}) | self.declined
+
+    def _upload(self, info: CheckpointInfo) -> None:
+        started = time.monotonic()
+        try:
+            copied = copy_checkpoint(self.local, info, self.remote)
+        except CheckpointExists:
+            copied = self.remote.get(info.step)  # an earlier attempt committed it already
+        except CorruptCheckpoint as exc:
+            log.error("not mirroring step %d: %s", info.step, exc)
+            self._skip.add(info.step)
+            return
+        with self._cond:
+            assert self._remote_infos is not None
+            self._remote_infos[info.step] = copied
+        self.last_upload = (info.step, time.time())
+        log.info("mirrored step %d to %s in %.1fs", info.step, self.remote.url, time.monotonic() - started)
+
+    def _prune_remote(self) -> None:
+        listing = self.remote_listing()
+        plan = plan_retention(listing, self._policy, datetime.now(timezone.utc),
+                              monitor=self._monitor)  # type: ignore[arg-type]
+        for step in plan.delete:
+            self.remote.delete(step)
+            with self._cond:
+                assert self._remote_infos is not None
+                self._remote_infos.pop(step, None)
+            log.info("mirror retention: deleted step %d from %s", step, self.remote.url)

@@ -1,0 +1,63 @@
+"""The worker process: started in its own process group with the contract environment."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+from typing import Mapping, Optional, Sequence
+
+from savegame import protocol
+from savegame.errors import ConfigError
+
+log = logging.getLogger("savegame")
+# systemd's variables are the daemon's own: a worker that spoke sd_notify would confuse systemd.
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+def worker_env(base: Mapping[str, str], run_dir: str, resume_from: Optional[str], run_id: str, attempt: int,
+               events: str, settings_path: str) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in PRIVATE_ENV}
+    env.update({protocol.ENV_DIR: run_dir, protocol.ENV_RESUME_FROM: resume_from or "",
+                protocol.ENV_RUN_ID: run_id, protocol.ENV_ATTEMPT: str(attempt), protocol.ENV_EVENTS: events,
+                protocol.ENV_CONFIG: settings_path})
+    return env
+
+
+class WorkerProcess:
+    """One running worker. The daemon signals its main process, or kills its whole group."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
+        try:
+            self._popen = subprocess.Popen(list(command), env=dict(env), stdin=subprocess.DEVNULL,
+                                           process_group=0, close_fds=True)
+        except FileNotFoundError:
+            raise ConfigError(f"command not found: {command[0]!r}; check the command after --") from None
+        except PermissionError:
+            raise ConfigError(f"command not executable: {command[0]!r}") from None
+        self.pid = self._popen.pid
+        self.pgid = self.pid  # process_group=0 makes the worker its group's leader
+
+    def poll(self) -> Optional[tuple[Optional[int], Optional[int]]]:
+        """(exit code, None) or (None, signal) once it has exited; None while it runs."""
+        code = self._popen.poll()
+        if code is None:
+            return None
+        return (code, None) if code >= 0 else (None, -code)
+
+    def send(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill_group(self) -> None:
+        """SIGKILL everything in the worker's group (its DataLoader children too)."""
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                log.warning("cannot kill process group %d: %s", self.pgid, exc)

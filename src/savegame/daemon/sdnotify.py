@@ -1,0 +1,52 @@
+"""sd_notify: READY, STATUS, WATCHDOG, STOPPING and EXTEND_TIMEOUT_USEC to systemd.
+
+One datagram per message to $NOTIFY_SOCKET (`@name` is an abstract socket). Without the variable
+(not under systemd) every call is a no-op.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+from savegame.protocol import DatagramSender
+
+
+class Notifier:
+    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
+        self._sender = DatagramSender(env.get("NOTIFY_SOCKET") or None)
+        self.watchdog_interval_s = _watchdog_interval(env)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sender.address is not None
+
+    def notify(self, *lines: str) -> None:
+        if self.enabled:
+            self._sender.send_raw("\n".join(lines).encode())
+
+    def ready(self, status: str) -> None:
+        self.notify("READY=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.notify(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.notify("WATCHDOG=1")
+
+    def stopping(self, status: str) -> None:
+        self.notify("STOPPING=1", f"STATUS={status}")
+
+    def extend_timeout(self, seconds: float) -> None:
+        self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+
+def _watchdog_interval(env: Mapping[str, str]) -> Optional[float]:
+    """Ping at half of WATCHDOG_USEC, if the watchdog is meant for this process."""
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1_000_000 / 2
+    except ValueError:
+        return None

@@ -1,0 +1,379 @@
+"""`savegame run`: the loop that drives the state machine with real processes, signals and time.
+
+Signal handlers only record (and wake the loop through a pipe); the loop turns what happened into
+events, `machine.transition` decides, and `_perform` carries the actions out. Deadlines use
+time.monotonic().
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import signal
+import time
+import uuid
+from typing import Any, Mapping, Optional
+
+from savegame import protocol
+from savegame.config import RunConfig, explicit_for_worker
+from savegame.daemon import machine as m
+from savegame.daemon.events import EventInbox
+from savegame.daemon.mirror import Mirror
+from savegame.daemon.process import WorkerProcess, worker_env
+from savegame.daemon.resume import ResumeChooser, ResumePoint
+from savegame.daemon.sdnotify import Notifier
+from savegame.daemon.status import STATUS_DIR, write_status, write_worker_settings
+from savegame.daemon.tiers import prune_local
+from savegame.daemon.watcher import FolderWatcher
+from savegame.errors import ConfigError, StorageError
+from savegame.storage import CheckpointStore
+
+log = logging.getLogger("savegame")
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
+STATUS_INTERVAL_S = 1.0
+
+
+def run_supervised(config: RunConfig) -> int:
+    return Supervisor(config).run()
+
+
+class Supervisor:
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.local = _local_store(config["dir"] or "./checkpoints")
+        self.run_dir = self.local.location.path
+        self.remote = _remote_store(config) if config["mirror"] else None
+        self.run_id = _run_id(self.run_dir)
+        self.policy = config.restart_policy()
+        self.machine = m.Machine(grace_s=config["grace"])
+        self.chooser = ResumeChooser(self.local, self.remote, config.monitor)
+        self.notifier = Notifier()
+        self.inbox = EventInbox()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.mirror = (Mirror(self.local, self.remote, config.retention("mirror"), config.monitor, self.wake,
+                              config["stale_after"]) if self.remote else None)
+        self.watcher = FolderWatcher(self.run_dir, self.wake)
+        self.worker: Optional[WorkerProcess] = None
+        self.resume_point: Optional[ResumePoint] = None
+        self.attempt = 0
+        self.timers: dict[str, float] = {}
+        self.events: collections.deque[m.Event] = collections.deque()
+        self.signals: collections.deque[int] = collections.deque()
+        self.exit_code: Optional[int] = None
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.heartbeat: dict[str, Any] = {}
+        self.last_checkpoint: dict[str, Any] = {}
+        self.last_event_mono = time.monotonic()
+        self._dirty = True
+        self._status_at = 0.0
+        self._watchdog_at = 0.0
+        self._emergency_step: Optional[int] = None
+        self._exit_reported = False
+        self._fresh_start_steps: set[int] = set()  # with resume=none: old checkpoints a restart must not use
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        selector.register(self.inbox.fileno(), selectors.EVENT_READ)
+        self._install_signals()
+        self.settings_path = write_worker_settings(self.run_dir, explicit_for_worker(self.config))
+        self.local.collect_garbage(self.config["stale_after"])
+        self.watcher.start()
+        if self.mirror:
+            self.mirror.start()
+        log.info("run %s in %s%s", self.run_id, self.run_dir, f", mirrored to {self.remote.url}" if self.remote else "")
+        self._perform(m.StartWorker(fallback=False))
+        try:
+            while True:
+                self._tick()
+                if self.exit_code is not None:
+                    break
+                selector.select(self._timeout())
+                self._drain_wake_pipe()
+        finally:
+            self._shutdown(selector)
+        return self.exit_code
+
+    def _tick(self) -> None:
+        self._take_signals()
+        self._take_worker_events()
+        self._check_worker_exit()
+        self._check_timers()
+        self._check_hang()
+        while self.events and self.exit_code is None:
+            self._apply(self.events.popleft())
+        self._housekeeping()
+
+    def _timeout(self) -> float:
+        deadlines = list(self.timers.values())
+        if self.notifier.watchdog_interval_s:
+            deadlines.append(self._watchdog_at + self.notifier.watchdog_interval_s)
+        if self.config["hang_timeout"] and self.machine.state == m.State.RUNNING:
+            deadlines.append(self.last_event_mono + self.config["hang_timeout"])
+        soonest = min(deadlines, default=time.monotonic() + 1.0)
+        return max(0.0, min(soonest - time.monotonic(), 1.0))
+
+    def wake(self) -> None:
+        """Called from other threads (mirror, folder watcher) to have the loop look again."""
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass
+        self._dirty = True
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- inputs -> events -----------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(signum, lambda num, frame: self.signals.append(num))
+
+    def _take_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in STOP_SIGNALS:
+                self.events.append(m.StopRequested(STOP_SIGNALS[signal.Signals(signum)]))
+            elif signum == signal.SIGUSR1:
+                self.events.append(m.CheckpointRequested())
+
+    def _take_worker_events(self) -> None:
+        for event in self.inbox.drain():
+            if self.worker is None or event.get("pid") != self.worker.pid:
+                continue  # a late datagram from an earlier worker
+            self.last_event_mono = time.monotonic()
+            kind = event["event"]
+            if kind in ("heartbeat", "started", "resumed", "saving", "stopping", "finished"):
+                self._note_heartbeat(event)
+            if kind == "committed":
+                self._note_commit(event)
+            elif kind == "saving":
+                self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
+            elif kind == "bad-checkpoint":
+                log.error("the worker could not load step %s: %s", event.get("step"), event.get("problem"))
+
+    def _note_heartbeat(self, event: Mapping[str, Any]) -> None:
+        now, step = time.time(), int(event.get("step") or 0)
+        previous = self.heartbeat
+        rate = previous.get("steps_per_s") or 0.0
+        if previous.get("time") and step > previous.get("step", 0) and now > previous["time"]:
+            current = (step - previous["step"]) / (now - previous["time"])
+            rate = current if not rate else 0.7 * rate + 0.3 * current
+        self.heartbeat = {"step": step, "epoch": event.get("epoch"), "time": now, "steps_per_s": rate}
+
+    def _note_commit(self, event: Mapping[str, Any]) -> None:
+        self.last_checkpoint = {k: event.get(k) for k in ("step", "epoch", "reason", "path", "bytes", "metrics")}
+        self.last_checkpoint["time"] = time.time()
+        if event.get("reason") == "emergency":
+            self._emergency_step = int(event["step"])
+        self._dirty = True
+        if self.mirror:
+            self.mirror.request_sync(self._emergency_step)
+
+    def _check_worker_exit(self) -> None:
+        if self.worker is None or self._exit_reported:
+            return
+        status = self.worker.poll()
+        if status is None:
+            return
+        self._exit_reported = True
+        self._take_worker_events()  # whatever it said before dying (its last commit, say)
+        code, signum = status
+        last_step = self.heartbeat.get("step")
+        if last_step is None and self.resume_point is not None:
+            last_step = self.resume_point.info.step
+        self.events.append(m.WorkerExited(code, signum, last_step))
+        self.timers.pop("grace", None)
+        self.timers.pop("dump", None)
+        self._dirty = True
+
+    def _check_timers(self) -> None:
+        now = time.monotonic()
+        for name, deadline in list(self.timers.items()):
+            if now >= deadline:
+                del self.timers[name]
+                self.events.append({"grace": m.GraceExpired(), "dump": m.DumpWaitOver(),
+                                    "backoff": m.BackoffOver()}[name])
+
+    def _check_hang(self) -> None:
+        limit = self.config["hang_timeout"]
+        silent = time.monotonic() - self.last_event_mono
+        if limit and self.machine.state == m.State.RUNNING and silent >= limit:
+            self.events.append(m.HangDetected(silent))
+            self.last_event_mono = time.monotonic()  # report a hang once
+
+    # -- the one place state changes ------------------------------------------------------------
+
+    def _apply(self, event: m.Event) -> None:
+        t = m.transition(self.machine, event, time.monotonic(), self.policy)
+        before, was_stopping = self.machine.state, self.machine.stopping
+        self.machine = t.machine
+        if t.machine.state != before:
+            level = logging.ERROR if t.machine.state == m.State.FAILED else logging.INFO
+            log.log(level, "%s -> %s: %s", before.value, t.machine.state.value, t.reason)
+            self.notifier.status(f"{t.machine.state.value}: {t.reason}")
+        else:
+            log.info("%s", t.reason)
+        if isinstance(event, m.StopRequested) and t.machine.stopping and not was_stopping:
+            self.notifier.stopping(t.reason)
+        for action in t.actions:
+            self._perform(action)
+        self._write_status(t.reason)
+
+    def _perform(self, action: m.Action) -> None:
+        if isinstance(action, m.StartWorker):
+            self._start_worker(action.fallback)
+        elif isinstance(action, m.SignalWorker) and self.worker is not None:
+            self.worker.send(action.signal)
+        elif isinstance(action, m.KillGroup) and self.worker is not None:
+            self.worker.kill_group()
+        elif isinstance(action, m.SetTimer):
+            self.timers[action.name] = time.monotonic() + action.seconds
+        elif isinstance(action, m.QuarantineResume) and self.resume_point is not None:
+            self.chooser.quarantine(self.resume_point.info.step, "the worker could not load it")
+        elif isinstance(action, m.Finish):
+            self._finish(action.exit_code)
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    def _start_worker(self, fallback: bool) -> None:
+        if self.worker is not None and self.machine.failures:
+            self.restarts[self.machine.failures[-1].cause] += 1
+        below = self.resume_point.info.step if fallback and self.resume_point else None
+        if self.attempt == 0 and self.config["resume"] == "none":
+            self._fresh_start_steps = {c.step for c in self.local.list()}
+            self.resume_point = None
+        else:  # a restart always continues this run, whatever the first start did
+            choice = "latest" if self.config["resume"] == "none" else self.config["resume"]
+            self.resume_point = self.chooser.choose(choice, below_step=below, exclude=self._fresh_start_steps)
+        self._log_resume(fallback)
+        self.attempt += 1
+        env = worker_env(os.environ, self.run_dir, self.resume_point.info.path if self.resume_point else None,
+                         self.run_id, self.attempt, self.inbox.address, self.settings_path)
+        self._take_signals()
+        if self.machine.stopping or any(isinstance(e, m.StopRequested) for e in self.events):
+            return  # a stop arrived while preparing: the StopRequested event ends the run
+        try:
+            self.worker = WorkerProcess(self.config["command"], env)
+        except ConfigError as exc:
+            self.events.append(m.SpawnFailed(str(exc)))
+            return
+        self._exit_reported = False
+        self.heartbeat = {}
+        self.last_event_mono = time.monotonic()
+        self.events.append(m.Spawned(self.worker.pid))
+        if self.attempt == 1:
+            self.notifier.ready(f"running: worker pid {self.worker.pid}")
+
+    def _log_resume(self, fallback: bool) -> None:
+        point = self.resume_point
+        if point is None:
+            log.info("starting fresh: %s", "resume is none" if self.config["resume"] == "none" else "no valid checkpoint")
+            return
+        why = "falling back one checkpoint" if fallback else f"the {self.config['resume']} valid checkpoint"
+        log.info("resuming from step %d (%s, saved as %s) from %s: %s", point.info.step,
+                 f"epoch {point.info.epoch}", point.info.reason, point.source, why)
+
+    def _finish(self, code: int) -> None:
+        if self.mirror and code == protocol.EXIT_OK:
+            deadline = self.config["mirror_deadline"]
+            self.notifier.extend_timeout(deadline + 5)
+            self.mirror.request_sync(self._emergency_step)
+            if self.mirror.flush(deadline):
+                log.info("the mirror holds every checkpoint it should")
+            else:
+                log.error("the mirror did not catch up within %gs (pending steps %s): they stay on local disk",
+                          deadline, self.mirror.pending)
+        self.exit_code = code
+
+    # -- periodic work ----------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self.notifier.watchdog_interval_s and now - self._watchdog_at >= self.notifier.watchdog_interval_s:
+            self.notifier.watchdog()
+            self._watchdog_at = now
+        if self._dirty and self.exit_code is None:
+            self._dirty = False
+            resume = self.resume_point.info.step if self.resume_point else None
+            deletable = self.mirror.unprotected_steps() if self.mirror else None
+            try:
+                prune_local(self.local, self.config, resume, deletable)
+            except StorageError as exc:
+                log.warning("retention skipped: %s", exc)
+        if now - self._status_at >= STATUS_INTERVAL_S:
+            self._write_status()
+
+    def _write_status(self, reason: Optional[str] = None) -> None:
+        self._status_at = time.monotonic()
+        if reason:
+            self._reason = reason
+        mirror = None
+        if self.mirror and self.remote:
+            last = self.mirror.last_upload
+            lag = max(0.0, (self.last_checkpoint.get("time") or 0) - last[1]) if last else None
+            mirror = {"url": self.remote.url, "pending": len(self.mirror.pending), "error": self.mirror.last_error,
+                      "confirmed_step": last[0] if last else None, "lag_s": lag}
+        write_status(self.run_dir, {
+            "state": self.machine.state.value, "reason": getattr(self, "_reason", ""), "daemon_pid": os.getpid(),
+            "worker_pid": self.worker.pid if self.worker else None, "attempt": self.attempt, "run_id": self.run_id,
+            "restarts": dict(self.restarts), "resumed_from": self.resume_point.info.step if self.resume_point else None,
+            "last_checkpoint": self.last_checkpoint, "heartbeat": self.heartbeat, "mirror": mirror})
+
+    def _shutdown(self, selector: selectors.BaseSelector) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.kill_group()  # never leave an orphan behind
+        self.watcher.stop()
+        if self.mirror:
+            self.mirror.close()
+        self._write_status()
+        signal.set_wakeup_fd(-1)
+        selector.close()
+        self.inbox.close()
+
+
+def _local_store(path: str) -> CheckpointStore:
+    store = CheckpointStore(path)
+    if not store.is_local:
+        raise ConfigError(f"--dir must be a local folder, not {store.url}; use --mirror for object storage")
+    try:
+        os.makedirs(os.path.join(store.location.path, STATUS_DIR), exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run folder {store.location.path}: {exc.strerror}") from None
+    return store
+
+
+def _remote_store(config: RunConfig) -> CheckpointStore:
+    remote = CheckpointStore(config["mirror"], config["storage"])
+    if remote.is_local:
+        return remote  # a second local folder (another disk) is a fine mirror too
+    try:
+        reachable = remote.exists()
+    except StorageError as exc:
+        log.warning("the mirror %s is not reachable now (%s); uploads will retry", remote.url, exc)
+        return remote
+    if not reachable:
+        raise ConfigError(f"the mirror {remote.url} does not exist: create the bucket first")
+    return remote
+
+
+def _run_id(run_dir: str) -> str:
+    """One id per run folder, kept across daemon restarts (a reboot continues the same run)."""
+    path = os.path.join(run_dir, STATUS_DIR, "run_id")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        run_id = uuid.uuid4().hex[:12]
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(run_id)
+        return run_id
