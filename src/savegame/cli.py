@@ -184,7 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if not config["command"]:
-        raise ConfigError("no command to run: savegame run [options] -- python train.py ...")
+        print("savegame: error: no command to run: savegame run [options] -- python train.py ...", file=sys.stderr)
+        return protocol.EXIT_USAGE
     return run_supervised(config)
 
 

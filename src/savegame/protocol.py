@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from typing import Any, Mapping, Optional
 
 ENV_DIR = "SAVEGAME_DIR"
@@ -17,6 +18,7 @@ ENV_RUN_ID = "SAVEGAME_RUN_ID"
 ENV_ATTEMPT = "SAVEGAME_ATTEMPT"
 ENV_EVENTS = "SAVEGAME_EVENTS"
 ENV_CONFIG = "SAVEGAME_CONFIG"  # JSON file of the settings the user gave the daemon (an addition)
+ENV_PROGRESS = "SAVEGAME_PROGRESS"  # 8-byte file the worker writes its step into (an addition)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -59,6 +61,34 @@ class DatagramSender:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class ProgressCell:
+    """The worker's current step in an 8-byte shared file: written at every step boundary for the
+    cost of a memory store (no syscall), read by the daemon when the worker dies, so "it keeps
+    dying at the same step" is known exactly, whatever the heartbeat rate."""
+
+    NONE = -1
+
+    def __init__(self, path: str, create: bool = False) -> None:
+        import mmap
+
+        if create:
+            with open(path, "wb") as f:
+                f.write(struct.pack("<q", self.NONE))
+        self._file = open(path, "r+b")
+        self._map = mmap.mmap(self._file.fileno(), 8)
+
+    def write(self, step: int) -> None:
+        struct.pack_into("<q", self._map, 0, step)
+
+    def read(self) -> Optional[int]:
+        (step,) = struct.unpack_from("<q", self._map, 0)
+        return None if step == self.NONE else step
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
 
 
 def parse_event(payload: bytes) -> Optional[Mapping[str, Any]]:

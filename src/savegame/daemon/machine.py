@@ -52,7 +52,7 @@ class SpawnFailed:
 class WorkerExited:
     code: Optional[int]  # exit status, or None when killed by a signal
     signal: Optional[int]
-    last_step: Optional[int]  # the last step the worker reported (or resumed from)
+    last_step: Optional[int]  # the step it had reached (exact: the worker writes it at every boundary)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ Event = Union[Spawned, SpawnFailed, WorkerExited, StopRequested, CheckpointReque
 
 @dataclass(frozen=True)
 class StartWorker:
-    fallback: bool  # resume from the checkpoint before the one used last time
+    fallback: bool  # the last resume source was set aside: this start falls back one checkpoint
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,8 @@ def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy)
     failures = m.failures + (Failure(now, cause, event.last_step),)  # type: ignore[arg-type]
     decision = decide(policy, failures, now, m.fell_back)
     actions: tuple[Action, ...] = (KillGroup(),)
-    if cause == "bad-checkpoint":
-        actions += (QuarantineResume(),)
+    if cause == "bad-checkpoint" or decision.action == "fallback":
+        actions += (QuarantineResume(),)  # damaged, or suspect: set it aside, resume from the one before
     if decision.action == "give-up":
         return Transition(replace(m, state=State.FAILED, failures=failures), actions + (Finish(protocol.EXIT_FAILED),),
                           f"worker died ({how}, {cause}); giving up: {decision.reason}")

@@ -17,11 +17,11 @@ PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "
 
 
 def worker_env(base: Mapping[str, str], run_dir: str, resume_from: Optional[str], run_id: str, attempt: int,
-               events: str, settings_path: str) -> dict[str, str]:
+               events: str, settings_path: str, progress_path: str) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in PRIVATE_ENV}
     env.update({protocol.ENV_DIR: run_dir, protocol.ENV_RESUME_FROM: resume_from or "",
                 protocol.ENV_RUN_ID: run_id, protocol.ENV_ATTEMPT: str(attempt), protocol.ENV_EVENTS: events,
-                protocol.ENV_CONFIG: settings_path})
+                protocol.ENV_CONFIG: settings_path, protocol.ENV_PROGRESS: progress_path})
     return env
 
 

@@ -31,16 +31,15 @@ class ResumeChooser:
         self.monitor = monitor
         self._verified: set[tuple[int, str]] = set()  # (step, created): verified once per daemon
 
-    def choose(self, choice: str, below_step: Optional[int] = None,
-               exclude: Iterable[int] = ()) -> Optional[ResumePoint]:
-        """The latest (or best) valid checkpoint; only those below `below_step` when falling back."""
+    def choose(self, choice: str, exclude: Iterable[int] = ()) -> Optional[ResumePoint]:
+        """The latest (or best) valid checkpoint, leaving out the steps in `exclude`."""
         local = {c.step: c for c in self.local.list()}
         remote = {c.step: c for c in self._remote_list()}
         merged = {**remote, **local}
         metric, mode = self.monitor or (None, "max")
         skipped = set(exclude)
         for info in resume_candidates(list(merged.values()), choice, metric, mode):  # type: ignore[arg-type]
-            if info.step in skipped or (below_step is not None and info.step >= below_step):
+            if info.step in skipped:
                 continue
             point = self._usable(info, local.get(info.step), remote.get(info.step))
             if point is not None:

@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Mapping, Optional
 
 from savegame import protocol
+from savegame.protocol import ProgressCell
 from savegame.config import RunConfig, explicit_for_worker
 from savegame.daemon import machine as m
 from savegame.daemon.events import EventInbox
@@ -70,6 +71,7 @@ class Supervisor:
         self._watchdog_at = 0.0
         self._emergency_step: Optional[int] = None
         self._exit_reported = False
+        self.progress: Optional[ProgressCell] = None
         self._fresh_start_steps: set[int] = set()  # with resume=none: old checkpoints a restart must not use
 
     # -- the loop -------------------------------------------------------------------------------
@@ -79,8 +81,9 @@ class Supervisor:
         selector.register(self._wake_r, selectors.EVENT_READ)
         selector.register(self.inbox.fileno(), selectors.EVENT_READ)
         self._install_signals()
+        self._write_status("starting")
         self.settings_path = write_worker_settings(self.run_dir, explicit_for_worker(self.config))
-        self.local.collect_garbage(self.config["stale_after"])
+        self._collect_garbage()
         self.watcher.start()
         if self.mirror:
             self.mirror.start()
@@ -188,13 +191,25 @@ class Supervisor:
         self._exit_reported = True
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
         code, signum = status
-        last_step = self.heartbeat.get("step")
-        if last_step is None and self.resume_point is not None:
-            last_step = self.resume_point.info.step
-        self.events.append(m.WorkerExited(code, signum, last_step))
+        self.events.append(m.WorkerExited(code, signum, self._step_reached()))
+        self._collect_garbage()  # a dead worker's half-written checkpoint
         self.timers.pop("grace", None)
         self.timers.pop("dump", None)
         self._dirty = True
+
+    def _collect_garbage(self) -> None:
+        try:
+            for path in self.local.collect_garbage(self.config["stale_after"]):
+                log.info("removed the leftovers of an unfinished save: %s", path)
+        except StorageError as exc:
+            log.warning("cannot collect stale staging: %s", exc)
+
+    def _step_reached(self) -> Optional[int]:
+        """The step the worker was at when it died (None if it never reached a step boundary)."""
+        step = self.progress.read() if self.progress else None
+        if step is None and self.resume_point is not None:
+            step = self.resume_point.info.step
+        return step
 
     def _check_timers(self) -> None:
         now = time.monotonic()
@@ -239,7 +254,9 @@ class Supervisor:
         elif isinstance(action, m.SetTimer):
             self.timers[action.name] = time.monotonic() + action.seconds
         elif isinstance(action, m.QuarantineResume) and self.resume_point is not None:
-            self.chooser.quarantine(self.resume_point.info.step, "the worker could not load it")
+            why = ("the worker could not load it" if self.machine.failures[-1].cause == "bad-checkpoint"
+                   else "the worker kept failing after resuming from it")
+            self.chooser.quarantine(self.resume_point.info.step, why)
         elif isinstance(action, m.Finish):
             self._finish(action.exit_code)
 
@@ -248,17 +265,20 @@ class Supervisor:
     def _start_worker(self, fallback: bool) -> None:
         if self.worker is not None and self.machine.failures:
             self.restarts[self.machine.failures[-1].cause] += 1
-        below = self.resume_point.info.step if fallback and self.resume_point else None
         if self.attempt == 0 and self.config["resume"] == "none":
             self._fresh_start_steps = {c.step for c in self.local.list()}
             self.resume_point = None
         else:  # a restart always continues this run, whatever the first start did
             choice = "latest" if self.config["resume"] == "none" else self.config["resume"]
-            self.resume_point = self.chooser.choose(choice, below_step=below, exclude=self._fresh_start_steps)
+            self.resume_point = self.chooser.choose(choice, exclude=self._fresh_start_steps)
         self._log_resume(fallback)
         self.attempt += 1
+        progress_path = os.path.join(self.run_dir, STATUS_DIR, "progress")
+        if self.progress is not None:
+            self.progress.close()
+        self.progress = ProgressCell(progress_path, create=True)
         env = worker_env(os.environ, self.run_dir, self.resume_point.info.path if self.resume_point else None,
-                         self.run_id, self.attempt, self.inbox.address, self.settings_path)
+                         self.run_id, self.attempt, self.inbox.address, self.settings_path, progress_path)
         self._take_signals()
         if self.machine.stopping or any(isinstance(e, m.StopRequested) for e in self.events):
             return  # a stop arrived while preparing: the StopRequested event ends the run

@@ -27,7 +27,7 @@ from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config
 from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, SavegameError, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
-from savegame.strategies import History, Moment, next_history, plan_retention, resume_candidates
+from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.progress import Progress, rng_state, set_rng_state
@@ -45,7 +45,7 @@ class Checkpointer:
                  every_epochs: Optional[int] = None, every_seconds: Optional[float] = None,
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
-                 handle_signals: bool = True) -> None:
+                 handle_signals: bool = True, initial_best: Optional[float] = None) -> None:
         self.supervised = bool(os.environ.get(protocol.ENV_EVENTS))
         self.dir = self._choose_dir(dir)
         self.config = self._load_config(locals())
@@ -58,8 +58,11 @@ class Checkpointer:
         self._framework = framework
         self._adapter: Optional[Adapter] = None
         self._schedule = self.config.schedule()
-        self._history = History(last_time=time.monotonic())
+        self._initial_best = initial_best  # a best to beat before anything counts as "best" (Keras' initial_value_threshold)
+        self._history = History(last_time=time.monotonic(), best=initial_best)
         self._events = protocol.DatagramSender(os.environ.get(protocol.ENV_EVENTS))
+        progress_path = os.environ.get(protocol.ENV_PROGRESS)
+        self._progress_cell = protocol.ProgressCell(progress_path) if progress_path else None
         self._requests = StopRequests()
         if handle_signals:
             self._requests.install()
@@ -69,6 +72,9 @@ class Checkpointer:
         self._last_heartbeat = 0.0
         self._resume_mid_epoch = False
         self._epoch_open = False
+        # Batches per epoch, when known. A periodic save due on an epoch's last batch is left to the
+        # epoch end right after it: same step, but with the epoch's metrics (one checkpoint per step).
+        self.epoch_length: Optional[int] = None
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -98,6 +104,9 @@ class Checkpointer:
         """Register what to save: model=, optimizer=, scheduler=, scaler=, sampler=, ... (any names)."""
         if self._adapter is None:
             self._adapter = _make_adapter(self._framework, objects)
+            bind = getattr(self._adapter, "bind", None)
+            if bind is not None:
+                bind(self)  # adapters that save the step counter read self.progress at capture time
         self._adapter.add(**objects)  # type: ignore[attr-defined]
         return self
 
@@ -122,6 +131,10 @@ class Checkpointer:
             log.info("resumed from step %d (epoch %d, %s) at %s", info.step, info.epoch, info.reason, info.path)
             self._report("resumed")
             return info
+        if getattr(self._adapter, "live_state_damaged", False):
+            raise CorruptCheckpoint(f"no checkpoint in {self.dir} could be loaded, and a damaged one was already "
+                                    "partly read into the model, so it cannot start from scratch either; move the "
+                                    f"damaged checkpoints away (see `savegame verify {self.dir}`) and start again")
         self._report("started")
         return None
 
@@ -131,14 +144,21 @@ class Checkpointer:
             if not chosen:
                 return []  # the daemon chose a fresh start
             store = CheckpointStore(os.path.dirname(os.path.abspath(chosen)))
-            found = [c for c in store.list() if c.name == os.path.basename(os.path.abspath(chosen))]
+            name = os.path.basename(os.path.abspath(chosen))
+            scan = store.scan()
+            found = [c for c in scan.committed if c.name == name]
             if not found:
-                log.error("asked to resume from %s, which is not a committed checkpoint", chosen)
+                why = [p.problem for p in scan.damaged if p.name == name]
+                log.error("asked to resume from %s, which is not a committed checkpoint%s", chosen,
+                          f": {why[0]}" if why else "")
                 raise SystemExit(protocol.EXIT_BAD_CHECKPOINT)
             return [(store, found[0])]
         self.store.collect_garbage()
         monitor = self.config.monitor
-        ranked = resume_candidates(self.store.list(), self.config["resume"], *(monitor or (None, "max")))
+        scan = self.store.scan()
+        for problem in scan.damaged:
+            log.warning("not resuming from %s: %s", self.store.path_of(problem.name), problem.problem)
+        ranked = resume_candidates(scan.committed, self.config["resume"], *(monitor or (None, "max")))
         return [(self.store, info) for info in ranked]
 
     def _load(self, store: CheckpointStore, info: CheckpointInfo) -> None:
@@ -148,8 +168,11 @@ class Checkpointer:
             self._adapter.restore(reader)
         self.progress = Progress.from_json(core["progress"])
         self.state = decode(core.get("user", {"__dict__": {}}), _no_tensors)
-        history = core.get("history", {})
-        self._history = History(last_step=info.step, last_time=time.monotonic(), best=history.get("best"))
+        best = core.get("history", {}).get("best")
+        monitor = self.config.monitor
+        if self._initial_best is not None and monitor and is_better(self._initial_best, best, monitor[1]):
+            best = self._initial_best
+        self._history = History(last_step=info.step, last_time=time.monotonic(), best=best)
         set_rng_state(core.get("rng", {}))
         self.resumed_from = info.step
         self._committed_step = info.step
@@ -193,14 +216,22 @@ class Checkpointer:
         self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), True, self.metrics))
 
     def _boundary(self, moment: Moment) -> None:
+        if self._progress_cell is not None:
+            self._progress_cell.write(moment.step)
         self._heartbeat()
-        if self._requests.stop:
+        stop = self._requests.stop
+        reason = None if stop else ("manual" if self._requests.take_checkpoint()
+                                    else self._schedule.due(moment, self._history))
+        if reason == "periodic" and not moment.at_epoch_end and self.epoch_length is not None \
+                and self.progress.batch_in_epoch >= self.epoch_length:
+            reason = None  # the epoch end saves this step
+        monitor = self.config.monitor
+        # Update the history first: the checkpoint saved here must hold this boundary's best value.
+        self._history = next_history(self._history, moment, stop or bool(reason), *(monitor or (None, "max")))
+        if stop:
             self._stop(moment)
-        reason = "manual" if self._requests.take_checkpoint() else self._schedule.due(moment, self._history)
         if reason:
             self._save(reason, moment.metrics)
-        monitor = self.config.monitor
-        self._history = next_history(self._history, moment, bool(reason), *(monitor or (None, "max")))
 
     @property
     def best(self) -> Optional[float]:

@@ -1,0 +1,156 @@
+"""`savegame run` with real worker processes and real signals."""
+import json
+import random
+import signal
+import time
+
+import pytest
+
+from helpers import Daemon, committed_steps, counter, savegame, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def step_log(path):
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_run_to_the_end_keeps_what_the_policy_says(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 40, "--every", 5), ["--keep-last", "3"]).start()
+    assert daemon.wait() == 0, daemon.stderr
+    assert "DONE 40" in daemon.stdout
+    assert committed_steps(run) == [30, 35, 40]
+    status = json.loads(savegame("status", str(run), "--json").stdout)
+    assert status["state"] == "succeeded" and status["last_checkpoint"]["step"] == 40
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sigterm_at_a_random_moment_commits_an_emergency_checkpoint(tmp_path, seed):
+    """Mid-step, mid-save or during start-up: exit 0 before the deadline, and the next run
+    resumes from the emergency checkpoint; across both runs every step runs exactly once."""
+    rng = random.Random(seed)
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    worker = counter("--steps", 120, "--sleep", 0.004, "--size-mb", 8, "--every", 7, "--log", log)
+    daemon = Daemon(run, worker, ["--grace", "10"]).start()
+    if seed:
+        daemon.worker_pid()
+        time.sleep(rng.uniform(0.0, 0.4))
+    else:  # during start-up: the daemon is up, its worker not yet
+        wait_until(daemon.status)
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=15) == 0, daemon.stderr
+    assert time.monotonic() - started < 10
+    done_before = step_log(log)
+    if done_before:
+        assert committed_steps(run)[-1] == len(done_before), "the emergency checkpoint holds the last step"
+        assert "emergency checkpoint committed" in daemon.stderr
+    second = Daemon(run, worker).start()
+    assert second.wait() == 0, second.stderr
+    assert "DONE 120" in second.stdout
+    assert step_log(log) == list(range(120)), "a step ran twice or was skipped"
+
+
+def test_worker_that_ignores_sigterm_is_killed_at_the_deadline(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--ignore-term"), ["--grace", "1"]).start()
+    pid = daemon.worker_pid()
+    wait_until(lambda: committed_steps(run))  # a periodic checkpoint exists
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=10) == 0
+    assert 0.9 < time.monotonic() - started < 5
+    with pytest.raises(ProcessLookupError):
+        import os
+        os.kill(pid, 0)
+    assert "grace period (1s) ran out" in daemon.stderr
+    assert daemon.status()["state"] == "stopped"
+
+
+def test_crash_loop_backs_off_and_gives_up_with_exit_1(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, ["-c", "import sys, time; time.sleep(0.05); sys.exit(3)"], ["--max-restarts", "2"]).start()
+    assert daemon.wait(timeout=30) == 1
+    assert "giving up" in daemon.stderr and "the budget is 2" in daemon.stderr
+    assert "restart in 1s" in daemon.stderr  # backed off before the last attempt
+    assert daemon.status()["restarts"] == {"crash": 2}
+
+
+def test_same_step_crash_falls_back_once_then_gives_up(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 50, "--every", 5, "--sleep", 0.01, "--crash-at", 12), ["--max-restarts", "10"]).start()
+    assert daemon.wait(timeout=60) == 1
+    err = daemon.stderr
+    assert "falling back one checkpoint" in err
+    assert "quarantined step 10" in err  # suspect, set aside: the restart resumes from step 5
+    assert "resuming from step 5" in err.split("quarantined step 10")[1]
+    assert "even after falling back" in err
+    assert [p.name.split(".")[0] for p in (run / ".quarantine").iterdir()] == ["ckpt-000000000010"]
+
+
+def test_hanging_worker_is_dumped_killed_and_restarted(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 30, "--every", 5, "--sleep", 0.01, "--hang-at", 12),
+                    ["--hang-timeout", "1.5"]).start()
+    assert daemon.wait(timeout=60) == 0, daemon.stderr
+    err = daemon.stderr
+    assert "no heartbeat for" in err
+    assert "counter_worker.py" in err and "line" in err  # the faulthandler stack dump
+    assert "DONE 30" in daemon.stdout
+    assert daemon.status()["restarts"] == {"hang": 1}
+
+
+def test_sigusr1_to_the_daemon_takes_a_checkpoint_now(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 1000000)).start()
+    daemon.worker_pid()
+    time.sleep(0.3)
+    daemon.signal(signal.SIGUSR1)
+    wait_until(lambda: committed_steps(run), timeout=10)
+    manifest = json.loads((run / f"ckpt-{committed_steps(run)[0]:012d}" / "manifest.json").read_text())
+    assert manifest["reason"] == "manual"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("kep = 3\n", "unknown key 'kep' (did you mean 'keep'?)"),
+    ("[keep]\nlast = -1\n", "keep.last = -1: must be an integer >= 0"),
+    ("grace = 'soon'\n", "grace = 'soon': must be a duration"),
+    ("resume = 'best'\n", "needs a monitored metric"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_config_exits_78_with_a_message(tmp_path, toml, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    result = savegame("run", "--config", str(config), "--dir", str(tmp_path / "run"), "--", "true")
+    assert result.returncode == 78
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_command_exits_78_and_is_not_retried(tmp_path):
+    result = savegame("run", "--dir", str(tmp_path / "run"), "--", "no-such-trainer-xyz")
+    assert result.returncode == 78
+    assert "command not found: 'no-such-trainer-xyz'" in result.stderr
+    assert result.stderr.count("worker started") == 0
+
+
+def test_missing_command_is_a_usage_error(tmp_path):
+    result = savegame("run", "--dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "no command" in result.stderr
+
+
+def test_status_shows_a_running_daemon(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 20)).start()
+    try:
+        pid = daemon.worker_pid()
+        wait_until(lambda: (daemon.status() or {}).get("last_checkpoint"), timeout=10)
+        text = savegame("status", str(run)).stdout
+        assert "state:           running" in text and f"pid {pid}" in text
+        assert "last checkpoint: step" in text and "steps/s" in text
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+    assert "state:           stopped" in savegame("status", str(run)).stdout

@@ -1,0 +1,150 @@
+"""The supervisor's state machine, driven by scripted event sequences (pure: no processes)."""
+import signal
+
+import pytest
+
+from savegame.daemon import machine as m
+from savegame.strategies import RestartPolicy
+
+pytestmark = pytest.mark.unit
+POLICY = RestartPolicy(max_restarts=3, window_s=100, backoff_initial_s=1, backoff_max_s=8, same_step_limit=3)
+
+
+def run(events, machine=None, start=0.0, step=1.0, policy=POLICY):
+    """Feed events in order; return the final machine and every (state, actions) seen."""
+    machine = machine or m.Machine(grace_s=10)
+    trace = []
+    for i, event in enumerate(events):
+        t = m.transition(machine, event, start + i * step, policy)
+        machine = t.machine
+        trace.append((machine.state, t.actions, t.reason))
+    return machine, trace
+
+
+def kinds(actions):
+    return [type(a).__name__ for a in actions]
+
+
+def test_clean_finish():
+    machine, trace = run([m.Spawned(10), m.WorkerExited(0, None, 50)])
+    assert machine.state == m.State.SUCCEEDED
+    assert kinds(trace[-1][1]) == ["KillGroup", "Finish"] and trace[-1][1][-1].exit_code == 0
+
+
+def test_stop_request_drains_then_stops_with_exit_0():
+    machine, trace = run([m.Spawned(10), m.StopRequested("SIGTERM"), m.WorkerExited(75, None, 7)])
+    assert [s for s, _, _ in trace] == [m.State.RUNNING, m.State.DRAINING, m.State.STOPPED]
+    drain_actions = trace[1][1]
+    assert drain_actions[0] == m.SignalWorker(signal.SIGTERM)
+    assert drain_actions[1] == m.SetTimer("grace", 10)
+    assert trace[-1][1][-1] == m.Finish(0)
+    assert "emergency checkpoint committed" in trace[-1][2]
+
+
+def test_second_sigterm_does_not_cut_the_emergency_save_short():
+    machine, trace = run([m.Spawned(10), m.StopRequested("SIGTERM"), m.StopRequested("SIGTERM")])
+    assert machine.state == m.State.DRAINING
+    assert trace[-1][1] == ()
+    assert "not cut short" in trace[-1][2]
+
+
+def test_grace_expiry_kills_the_group_and_stops():
+    machine, trace = run([m.Spawned(10), m.StopRequested("SIGTERM"), m.GraceExpired(),
+                          m.WorkerExited(None, signal.SIGKILL, 3)])
+    assert [s for s, _, _ in trace][-2:] == [m.State.KILLING, m.State.STOPPED]
+    assert kinds(trace[2][1]) == ["KillGroup"]
+    assert "the last one stands" in trace[-1][2]
+
+
+def test_stop_during_backoff_ends_at_once():
+    machine, trace = run([m.Spawned(10), m.WorkerExited(1, None, 5), m.StopRequested("SIGINT")])
+    assert trace[1][0] == m.State.BACKOFF
+    assert machine.state == m.State.STOPPED and trace[-1][1] == (m.Finish(0),)
+
+
+def test_crash_restarts_with_growing_backoff_then_gives_up():
+    events = [m.Spawned(1)]
+    for i in range(4):
+        events += [m.WorkerExited(1, None, 10 * i), m.BackoffOver(), m.Spawned(2 + i)]
+    machine, trace = run(events)
+    delays = [a.seconds for _, actions, _ in trace for a in actions if isinstance(a, m.SetTimer)]
+    assert delays == [0, 1, 2]  # the first failure restarts at once, then exponential
+    assert machine.state == m.State.FAILED
+    failed = [t for t in trace if t[0] == m.State.FAILED][0]
+    assert failed[1][-1] == m.Finish(1) and "budget" in failed[2]
+
+
+def test_failures_outside_the_window_do_not_count():
+    machine = m.Machine()
+    for i in range(10):  # one failure every 200 s with a 100 s window: never gives up
+        machine, _ = run([m.Spawned(1), m.WorkerExited(1, None, i * 10), m.BackoffOver()], machine,
+                         start=i * 200.0, step=0.0)
+    assert machine.state == m.State.STARTING
+
+
+def test_preemption_restarts_at_once_and_spends_no_budget():
+    events = [m.Spawned(1)]
+    for _ in range(10):
+        events += [m.WorkerExited(75, None, 5), m.BackoffOver(), m.Spawned(2)]
+    machine, trace = run(events)
+    assert machine.state == m.State.RUNNING
+    assert all(a.seconds == 0 for _, actions, _ in trace for a in actions if isinstance(a, m.SetTimer))
+
+
+def test_same_step_failures_fall_back_once_then_give_up():
+    events = [m.Spawned(1)]
+    for _ in range(3):
+        events += [m.WorkerExited(1, None, 42), m.BackoffOver(), m.Spawned(2)]
+    roomy = RestartPolicy(max_restarts=10, window_s=100, same_step_limit=3)
+    machine, trace = run(events, m.Machine(), step=0.0, policy=roomy)
+    starts = [a for _, actions, _ in trace for a in actions if isinstance(a, m.StartWorker)]
+    assert [s.fallback for s in starts] == [False, False, True]
+    fallback = [actions for state, actions, reason in trace if "falling back" in reason][0]
+    assert m.QuarantineResume() in fallback  # the suspect checkpoint is set aside, not deleted
+    events = [m.WorkerExited(1, None, 42)]
+    machine, trace = run(events, machine, start=1.0, policy=roomy)
+    assert machine.state == m.State.FAILED and "even after falling back" in trace[-1][2]
+
+
+def test_hang_dumps_stacks_then_kills_then_restarts():
+    machine, trace = run([m.Spawned(1), m.HangDetected(31.0), m.DumpWaitOver(),
+                          m.WorkerExited(None, signal.SIGKILL, 9)])
+    assert trace[1][1] == (m.SignalWorker(signal.SIGUSR2), m.SetTimer("dump", 2.0))
+    assert kinds(trace[2][1]) == ["KillGroup"]
+    assert machine.state == m.State.BACKOFF and "hang" in trace[-1][2]
+    assert machine.failures[-1].cause == "hang"
+
+
+def test_oom_kill_is_a_failure_not_a_stop():
+    machine, trace = run([m.Spawned(1), m.WorkerExited(None, signal.SIGKILL, 9)])
+    assert machine.state == m.State.BACKOFF and machine.failures[-1].cause == "killed"
+
+
+def test_config_error_from_worker_is_never_retried():
+    machine, trace = run([m.Spawned(1), m.WorkerExited(78, None, None)])
+    assert machine.state == m.State.FAILED and trace[-1][1][-1] == m.Finish(78)
+
+
+def test_bad_checkpoint_is_quarantined_and_restarted():
+    machine, trace = run([m.Spawned(1), m.WorkerExited(65, None, 30)])
+    assert machine.state == m.State.BACKOFF
+    assert m.QuarantineResume() in trace[-1][1]
+
+
+def test_spawn_failure_is_a_config_error():
+    machine, trace = run([m.SpawnFailed("command not found: 'pythn'")])
+    assert machine.state == m.State.FAILED and trace[-1][1] == (m.Finish(78),)
+
+
+def test_checkpoint_request_is_forwarded_only_while_running():
+    _, trace = run([m.Spawned(1), m.CheckpointRequested()])
+    assert trace[-1][1] == (m.SignalWorker(signal.SIGUSR1),)
+    _, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"), m.CheckpointRequested()])
+    assert trace[-1][1] == ()
+
+
+def test_terminal_states_ignore_everything():
+    machine, _ = run([m.Spawned(1), m.WorkerExited(0, None, 1)])
+    for event in (m.Spawned(2), m.StopRequested("SIGTERM"), m.WorkerExited(1, None, 1), m.BackoffOver()):
+        t = m.transition(machine, event, 0.0, POLICY)
+        assert t.machine == machine and t.actions == ()

@@ -1,0 +1,61 @@
+"""A small, real training worker for the daemon tests: NumPy state with exact step accounting.
+
+Every step adds 1 to every weight and records the step, so a checkpoint's weights equal its step
+and the recorded steps must be exactly 0..N-1: a step done twice or skipped shows up.
+It can also log each step to an outside file (not checkpointed), crash, hang or ignore SIGTERM.
+"""
+import argparse
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import savegame
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=100)
+parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--size-mb", type=float, default=1.0)
+parser.add_argument("--every", type=int, default=5)
+parser.add_argument("--epoch-steps", type=int, default=0, help="steps per epoch (0: one epoch)")
+parser.add_argument("--log", help="append each completed step to this file")
+parser.add_argument("--ignore-term", action="store_true")
+parser.add_argument("--crash-at", type=int, help="exit 3 whenever this step is reached")
+parser.add_argument("--hang-at", type=int, help="hang at this step on the first attempt")
+parser.add_argument("--metric", action="store_true", help="report a loss at each epoch end")
+args = parser.parse_args()
+
+weights = np.zeros(max(1, int(args.size_mb * 2**20 / 4)), dtype=np.float32)
+ckpt = savegame.Checkpointer(every_steps=args.every, monitor="loss" if args.metric else None, mode="min")
+ckpt.track(weights=weights)
+info = ckpt.restore()
+if info is not None and not np.all(weights == ckpt.progress.step):
+    sys.exit(f"restored weights {weights[:3]} do not match step {ckpt.progress.step}")
+if args.ignore_term:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+seen = ckpt.state.setdefault("seen", [])
+log = open(args.log, "a") if args.log else None
+epoch_steps = args.epoch_steps or args.steps
+
+while ckpt.progress.step < args.steps:
+    step = ckpt.progress.step
+    if step == args.crash_at:
+        os._exit(3)
+    if step == args.hang_at and os.environ.get("SAVEGAME_ATTEMPT", "1") == "1":
+        time.sleep(3600)
+    weights += 1
+    seen.append(step)
+    if log:
+        log.write(f"{step}\n")
+        log.flush()
+    time.sleep(args.sleep)
+    ckpt.step()
+    if ckpt.progress.step % epoch_steps == 0:
+        ckpt.end_epoch(**({"loss": 1.0 / ckpt.progress.step} if args.metric else {}))
+
+ckpt.finish()
+assert seen == list(range(args.steps)), "steps done twice or skipped"
+assert np.all(weights == args.steps)
+print(f"DONE {args.steps}", flush=True)
