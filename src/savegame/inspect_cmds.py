@@ -59,20 +59,31 @@ def verify_rows(store: CheckpointStore, step: Optional[int] = None) -> list[dict
 
 def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str], dry_run: bool,
           now: Optional[datetime] = None) -> dict[str, Any]:
-    """Delete what the policy does not keep (never anything damaged or uncommitted), then collect stale staging."""
+    """Delete what the policy does not keep, then collect stale staging.
+
+    Never deletes anything damaged or uncommitted: what would go is verified first.
+    """
     now = now or datetime.now(timezone.utc)
     checkpoints = store.list()
     plan = _plan(checkpoints, config, protected, now)
     by_step = {c.step: c for c in checkpoints}
-    result = {"keep": [{"step": s, "why": why} for s, why in plan.keep.items()],
-              "delete": [{"step": s, "path": by_step[s].path} for s in plan.delete], "collected": []}
+    damaged = _damaged(store, [by_step[s] for s in plan.delete])
+    keep = {**plan.keep, **{s: [f"damaged, kept for inspection: {'; '.join(p)}"] for s, p in damaged.items()}}
+    delete = [s for s in plan.delete if s not in damaged]
+    result = {"keep": [{"step": s, "why": why} for s, why in sorted(keep.items())],
+              "delete": [{"step": s, "path": by_step[s].path} for s in delete], "collected": []}
     if dry_run:
         return result
-    for step in plan.delete:
+    for step in delete:
         store.delete(step)
         log.info("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
     result["collected"] = store.collect_garbage(config["stale_after"])
     return result
+
+
+def _damaged(store: CheckpointStore, checkpoints: list[CheckpointInfo]) -> dict[int, list[str]]:
+    """Problems of the checkpoints about to be deleted: a damaged one is evidence, so it stays."""
+    return {c.step: problems for c in checkpoints if (problems := store.verify(c))}
 
 
 def choose(store: CheckpointStore, which: str, step: Optional[int], config: RunConfig) -> CheckpointInfo:

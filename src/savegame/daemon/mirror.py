@@ -10,21 +10,25 @@ import logging
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
-from savegame.errors import CheckpointExists, CorruptCheckpoint, SavegameError
+from savegame.errors import CheckpointExists, CorruptCheckpoint, SavegameError, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.strategies import plan_retention
 from savegame.strategies.retention import RetentionPolicy
 
 log = logging.getLogger("savegame")
+T = TypeVar("T")
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 30.0
 
 
 class Mirror:
     def __init__(self, local: CheckpointStore, remote: CheckpointStore, policy: RetentionPolicy,
-                 monitor: Optional[tuple[str, str]], wake: Callable[[], None], stale_after_s: float) -> None:
+                 monitor: Optional[tuple[str, str]], wake: Callable[[], None], stale_after_s: float,
+                 op_timeout_s: float = 600.0) -> None:
+        self._op_timeout_s = op_timeout_s
+        self._abandoned: list[threading.Thread] = []
         self.local = local
         self.remote = remote
         self._policy = policy
@@ -101,6 +105,8 @@ class Mirror:
                 self.last_error, retry_s = None, RETRY_INITIAL_S
             except SavegameError as exc:
                 self.last_error = str(exc)
+                with self._cond:
+                    self._remote_infos = None  # an abandoned operation may still land: list again
                 log.warning("mirror to %s failed (%s); retrying in %.1fs", self.remote.url, exc, retry_s)
                 self._sleep_then_retry(retry_s)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
@@ -116,11 +122,15 @@ class Mirror:
             self._requested = True
 
     def _sync(self) -> None:
+        if self._abandoned:  # operations given up on may have landed since: trust only a fresh listing
+            self._abandoned = [t for t in self._abandoned if t.is_alive()]
+            with self._cond:
+                self._remote_infos = None
         if self._remote_infos is None:
-            infos = {c.step: c for c in self.remote.list()}
+            infos = {c.step: c for c in self._timed(self.remote.list, "listing")}
             with self._cond:
                 self._remote_infos = infos
-            self.remote.collect_garbage(self._stale_after_s)
+            self._timed(lambda: self.remote.collect_garbage(self._stale_after_s), "collecting stale uploads")
         local = {c.step: c for c in self.local.list() if c.step not in self._skip}
         wanted = self._wanted({**local, **(self._remote_infos or {})})
         with self._cond:
@@ -148,12 +158,34 @@ class Mirror:
         with self._cond:
             return set(self._remote_infos or {}) | self.declined
 
+    def _timed(self, operation: Callable[[], T], what: str) -> T:
+        """Run one remote operation with a deadline. Client timeouts do not cover every stall (a server
+        that accepts connections but never answers), so the operation runs in a helper thread; one
+        that overruns is abandoned (it finishes or fails on its own) and the sync is retried later."""
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["value"] = operation()
+            except BaseException as exc:  # handed back to the mirror thread below
+                outcome["error"] = exc
+
+        helper = threading.Thread(target=call, name="savegame-mirror-op", daemon=True)
+        helper.start()
+        helper.join(self._op_timeout_s)
+        if helper.is_alive():
+            self._abandoned.append(helper)
+            raise StorageError(f"{self.remote.url}: {what} took longer than {self._op_timeout_s:g}s")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
     def _upload(self, info: CheckpointInfo) -> None:
         started = time.monotonic()
         try:
-            copied = copy_checkpoint(self.local, info, self.remote)
+            copied = self._timed(lambda: copy_checkpoint(self.local, info, self.remote), f"uploading step {info.step}")
         except CheckpointExists:
-            copied = self.remote.get(info.step)  # an earlier attempt committed it already
+            copied = self._timed(lambda: self.remote.get(info.step), "listing")  # an earlier attempt committed it
         except CorruptCheckpoint as exc:
             log.error("not mirroring step %d: %s", info.step, exc)
             self._skip.add(info.step)
@@ -169,7 +201,7 @@ class Mirror:
         plan = plan_retention(listing, self._policy, datetime.now(timezone.utc),
                               monitor=self._monitor)  # type: ignore[arg-type]
         for step in plan.delete:
-            self.remote.delete(step)
+            self._timed(lambda: self.remote.delete(step), f"deleting step {step}")
             with self._cond:
                 assert self._remote_infos is not None
                 self._remote_infos.pop(step, None)

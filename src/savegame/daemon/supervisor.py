@@ -53,7 +53,7 @@ class Supervisor:
         self.inbox = EventInbox()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.mirror = (Mirror(self.local, self.remote, config.retention("mirror"), config.monitor, self.wake,
-                              config["stale_after"]) if self.remote else None)
+                              config["stale_after"], config["upload_timeout"]) if self.remote else None)
         self.watcher = FolderWatcher(self.run_dir, self.wake)
         self.worker: Optional[WorkerProcess] = None
         self.resume_point: Optional[ResumePoint] = None
@@ -310,6 +310,7 @@ class Supervisor:
             self.mirror.request_sync(self._emergency_step)
             if self.mirror.flush(deadline):
                 log.info("the mirror holds every checkpoint it should")
+                self._prune_local()  # what waited for the mirror's confirmation can go now
             else:
                 log.error("the mirror did not catch up within %gs (pending steps %s): they stay on local disk",
                           deadline, self.mirror.pending)
@@ -324,14 +325,17 @@ class Supervisor:
             self._watchdog_at = now
         if self._dirty and self.exit_code is None:
             self._dirty = False
-            resume = self.resume_point.info.step if self.resume_point else None
-            deletable = self.mirror.unprotected_steps() if self.mirror else None
-            try:
-                prune_local(self.local, self.config, resume, deletable)
-            except StorageError as exc:
-                log.warning("retention skipped: %s", exc)
+            self._prune_local()
         if now - self._status_at >= STATUS_INTERVAL_S:
             self._write_status()
+
+    def _prune_local(self) -> None:
+        resume = self.resume_point.info.step if self.resume_point else None
+        deletable = self.mirror.unprotected_steps() if self.mirror else None
+        try:
+            prune_local(self.local, self.config, resume, deletable)
+        except StorageError as exc:
+            log.warning("retention skipped: %s", exc)
 
     def _write_status(self, reason: Optional[str] = None) -> None:
         self._status_at = time.monotonic()

@@ -158,7 +158,10 @@ class LocalBackend:
         for name in names:
             step = step_of_folder(name)
             if step is not None:
-                entries.append(self._entry(name, step))
+                try:
+                    entries.append(self._entry(name, step))
+                except FileNotFoundError:
+                    pass  # deleted while we looked: not there
         return entries + self._quarantined()
 
     def _entry(self, name: str, step: int) -> FolderEntry:
@@ -331,14 +334,30 @@ class ObjectBackend:
         """Object stores have no folders to create."""
 
     def root_exists(self) -> bool:
-        self.fs.invalidate_cache(self.root)
-        bucket = self.root.split("/", 1)[0]
-        if not self.fs.exists(bucket):
+        """Whether the bucket exists; other errors (credentials, options, network) propagate."""
+        bucket = self.root.split("/", 1)[0] or self.root
+        self.fs.invalidate_cache(bucket)
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
             return False
         return True
 
+    def _forget(self, path: str) -> None:
+        """Drop the cached listings of `path` and of everything below it.
+
+        invalidate_cache(path) keeps the listings below `path` (s3fs), and find() never replaces a
+        cached listing: a folder listed once before another process committed it would then look
+        torn (manifest listed, yet "not found") for as long as this filesystem object lives.
+        """
+        self.fs.invalidate_cache(path)
+        cache = getattr(self.fs, "dircache", None)
+        prefix = path.rstrip("/") + "/"
+        for key in [k for k in list(cache or ()) if k.startswith(prefix)]:
+            cache.pop(key, None)
+
     def _walk_files(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        self.fs.invalidate_cache(self.root)
+        self._forget(self.root)
         try:
             found = self.fs.find(self.root, detail=True)
         except FileNotFoundError:
@@ -387,6 +406,7 @@ class ObjectBackend:
         return self.fs.open(self.full(relpath), "rb", block_size=64 << 20, cache_type="readahead")
 
     def stage(self, name: str) -> Staging:
+        self._forget(self.full(name))
         if self.fs.exists(self.full(f"{name}/{MANIFEST_NAME}")):
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
         return _ObjectStaging(self, name)

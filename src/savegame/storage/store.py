@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO, Iterator, Mapping
@@ -23,6 +24,7 @@ from savegame.storage.manifest import (FileEntry, Manifest, folder_name, parse_m
                                        utc_now_iso)
 
 DEFAULT_STALE_AFTER_S = 3600.0
+OVERLAP_MIN = 1 << 20  # below this, hashing inline costs less than handing the chunk to a thread
 
 
 @dataclass(frozen=True)
@@ -95,16 +97,30 @@ class HashingWriter:
         self._hasher = Hasher()
         self._on_close = on_close
         self._closed = False
+        self._helper: ThreadPoolExecutor | None = None
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        self._hasher.update(view)
-        self._sink.write(view)
+        if view.nbytes < OVERLAP_MIN:
+            self._hasher.update(view)
+            self._sink.write(view)
+            return view.nbytes
+        # Hash on a helper thread while this one writes (xxh3 releases the GIL), so the checksum
+        # adds no time to a save. Both finish before returning: the caller may reuse the buffer.
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-checksum")
+        hashed = self._helper.submit(self._hasher.update, view)
+        try:
+            self._sink.write(view)
+        finally:
+            hashed.result()
         return view.nbytes
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._helper is not None:
+                self._helper.shutdown()
             self._sink.close()
             self._on_close(FileEntry(self._relpath, self._hasher.bytes, self._hasher.digest()))
 

@@ -93,11 +93,15 @@ class AnySchedule:
 
 def next_history(history: History, moment: Moment, saved: bool, metric: Optional[str], mode: Mode,
                  min_delta: float = 0.0) -> History:
-    """The history after a boundary: a new best is remembered whether or not it was saved."""
+    """The history after a boundary: a new best is remembered whether or not it was saved.
+
+    A new best must beat the old one by more than `min_delta`, as in OnImprovement: with 0 here,
+    small gains would creep the reference up and a slow, steady improvement would never be saved.
+    """
     best = history.best
     if metric is not None:
         value = moment.metrics.get(metric)
-        if value is not None and is_better(value, best, mode, 0.0):
+        if value is not None and is_better(value, best, mode, min_delta):
             best = value
     if saved:
         return History(last_step=moment.step, last_time=moment.now, best=best)
