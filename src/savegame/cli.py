@@ -106,11 +106,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _daemon_settings(url: Optional[str]) -> list[Layer]:
-    """For ls/prune of a local run folder: the policy its daemon runs with, as the lowest layer."""
-    from savegame.daemon.status import read_worker_settings
+    """For ls/prune of a local run folder: the policy its daemon applies, as the lowest layer."""
+    from savegame.daemon.status import read_status, read_worker_settings
 
-    settings = read_worker_settings(url) if url and "://" not in url else None
-    return [Layer(f"daemon settings in {url}", settings)] if settings else []
+    if not url or "://" in url:
+        return []
+    settings = (read_status(url) or {}).get("policy") or read_worker_settings(url)
+    return [Layer(f"the daemon's settings in {url}", settings)] if settings else []
 
 
 def _print_json(data: Any) -> None:
@@ -120,11 +122,13 @@ def _print_json(data: Any) -> None:
 
 def _protected_by_daemon(url: str) -> dict[int, str]:
     """A running daemon's resume source must survive a prune from the command line."""
-    from savegame.daemon.status import read_status
+    from savegame.daemon.status import TERMINAL_STATES, read_status
 
-    status = read_status(url) if "://" not in url else None
-    step = (status or {}).get("resumed_from")
-    return {int(step): "resume source of the running daemon"} if step is not None else {}
+    status = (read_status(url) if "://" not in url else None) or {}
+    step = status.get("resumed_from")
+    if step is None or status.get("state") in TERMINAL_STATES:
+        return {}
+    return {int(step): "resume source of the running daemon"}
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

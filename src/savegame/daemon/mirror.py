@@ -48,6 +48,12 @@ class Mirror:
         self._busy = False
         self._thread = threading.Thread(target=self._loop, name="savegame-mirror", daemon=True)
 
+    def set_policy(self, policy: RetentionPolicy, monitor: Optional[tuple[str, str]]) -> None:
+        with self._cond:
+            self._policy, self._monitor = policy, monitor
+            self._requested = True
+            self._cond.notify()
+
     def start(self) -> None:
         self._thread.start()
 

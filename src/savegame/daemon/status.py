@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional
 
 STATUS_DIR = ".savegame"
 STATUS_FILE = "status.json"
+TERMINAL_STATES = ("succeeded", "stopped", "failed")
 
 
 def status_path(run_dir: str) -> str:
@@ -55,7 +56,7 @@ def _alive(pid: Optional[int]) -> bool:
 def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str:
     now = time.time() if now is None else now
     state = status.get("state", "?")
-    if state not in ("succeeded", "failed", "stopped") and not _alive(status.get("daemon_pid")):
+    if state not in TERMINAL_STATES and not _alive(status.get("daemon_pid")):
         state += " (the daemon is not running)"
     ckpt = status.get("last_checkpoint") or {}
     beat = status.get("heartbeat") or {}

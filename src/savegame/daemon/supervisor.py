@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from savegame import protocol
 from savegame.protocol import ProgressCell
-from savegame.config import RunConfig, explicit_for_worker
+from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
 from savegame.daemon import machine as m
 from savegame.daemon.events import EventInbox
 from savegame.daemon.mirror import Mirror
@@ -157,12 +157,33 @@ class Supervisor:
             kind = event["event"]
             if kind in ("heartbeat", "started", "resumed", "saving", "stopping", "finished"):
                 self._note_heartbeat(event)
+            if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
+                self._adopt_worker_policy(event["policy"])
             if kind == "committed":
                 self._note_commit(event)
             elif kind == "saving":
                 self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
             elif kind == "bad-checkpoint":
                 log.error("the worker could not load step %s: %s", event.get("step"), event.get("problem"))
+
+    def _adopt_worker_policy(self, policy: Mapping[str, Any]) -> None:
+        """The script's own Checkpointer settings (its monitored metric, what it keeps) apply to
+        retention here too; what was given to `savegame run` still wins."""
+        try:
+            config = build_config([Layer("the worker's Checkpointer settings", policy),
+                                   Layer("savegame run settings", self.config.explicit)])
+        except ConfigError as exc:
+            log.warning("ignoring the worker's settings: %s", exc)
+            return
+        if config.values == self.config.values:
+            return
+        self.config = config
+        self.chooser.monitor = config.monitor
+        if self.mirror:
+            self.mirror.set_policy(config.retention("mirror"), config.monitor)
+        if config.monitor:
+            log.info("retention follows the worker's settings: monitor %s (%s)", *config.monitor)
+        self._dirty = True
 
     def _note_heartbeat(self, event: Mapping[str, Any]) -> None:
         now, step = time.time(), int(event.get("step") or 0)
@@ -351,7 +372,8 @@ class Supervisor:
             "state": self.machine.state.value, "reason": getattr(self, "_reason", ""), "daemon_pid": os.getpid(),
             "worker_pid": self.worker.pid if self.worker else None, "attempt": self.attempt, "run_id": self.run_id,
             "restarts": dict(self.restarts), "resumed_from": self.resume_point.info.step if self.resume_point else None,
-            "last_checkpoint": self.last_checkpoint, "heartbeat": self.heartbeat, "mirror": mirror})
+            "last_checkpoint": self.last_checkpoint, "heartbeat": self.heartbeat, "mirror": mirror,
+            "policy": explicit_for_worker(self.config)})
 
     def _shutdown(self, selector: selectors.BaseSelector) -> None:
         if self.worker is not None and self.worker.poll() is None:

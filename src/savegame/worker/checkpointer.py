@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from savegame import protocol
-from savegame.config import Layer, RunConfig, build_config
+from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
 from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, SavegameError, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
@@ -129,13 +129,13 @@ class Checkpointer:
                 log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
                 continue
             log.info("resumed from step %d (epoch %d, %s) at %s", info.step, info.epoch, info.reason, info.path)
-            self._report("resumed")
+            self._report("resumed", policy=explicit_for_worker(self.config))
             return info
         if getattr(self._adapter, "live_state_damaged", False):
             raise CorruptCheckpoint(f"no checkpoint in {self.dir} could be loaded, and a damaged one was already "
                                     "partly read into the model, so it cannot start from scratch either; move the "
                                     f"damaged checkpoints away (see `savegame verify {self.dir}`) and start again")
-        self._report("started")
+        self._report("started", policy=explicit_for_worker(self.config))
         return None
 
     def _resume_candidates(self) -> list[tuple[CheckpointStore, CheckpointInfo]]:
@@ -227,7 +227,8 @@ class Checkpointer:
             reason = None  # the epoch end saves this step
         monitor = self.config.monitor
         # Update the history first: the checkpoint saved here must hold this boundary's best value.
-        self._history = next_history(self._history, moment, stop or bool(reason), *(monitor or (None, "max")))
+        self._history = next_history(self._history, moment, stop or bool(reason), *(monitor or (None, "max")),
+                                     self.config["save"]["min_delta"])
         if stop:
             self._stop(moment)
         if reason:
@@ -331,9 +332,9 @@ class Checkpointer:
             self._last_heartbeat = now
             self._report("heartbeat")
 
-    def _report(self, event: str) -> None:
+    def _report(self, event: str, **extra: Any) -> None:
         self._events.send(event, step=self.progress.step, epoch=self.progress.epoch,
-                          resumed_from=self.resumed_from, time=time.time())
+                          resumed_from=self.resumed_from, time=time.time(), **extra)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -354,16 +355,19 @@ def _make_adapter(framework: Optional[str], objects: Mapping[str, Any]) -> Adapt
     if name == "keras":
         from savegame.worker.keras import KerasAdapter
         return KerasAdapter()
+    if name == "numpy":
+        from savegame.worker.numpy import NumpyAdapter
+        return NumpyAdapter()
     if name == "tensorflow":
         from savegame.worker.tensorflow import TensorFlowAdapter
         return TensorFlowAdapter()
-    raise ConfigError(f"unknown framework {name!r}; use torch, keras or tensorflow")
+    raise ConfigError(f"unknown framework {name!r}; use torch, keras, tensorflow or numpy")
 
 
 def _detect_framework(objects: Mapping[str, Any]) -> str:
     for obj in objects.values():
         module = type(obj).__module__.split(".")[0]
-        if module in ("torch", "keras", "tensorflow"):
+        if module in ("torch", "keras", "tensorflow", "numpy"):
             return module
         for base in type(obj).__mro__:
             root = base.__module__.split(".")[0]
