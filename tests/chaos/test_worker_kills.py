@@ -66,7 +66,10 @@ def test_random_sigkills_never_lose_or_repeat_a_step(tmp_path, seed):
     # The worker itself asserts that the recorded steps are exactly 0..STEPS-1 and that the
     # restored weights match their step; a torn checkpoint would fail its checksum on load.
     assert f"DONE {STEPS}" in daemon.stdout
-    assert "quarantined" not in daemon.stderr and "cannot resume" not in daemon.stderr
+    # Never a torn checkpoint: nothing failed verification or loading. (Kills that keep landing at
+    # the same step may make the daemon fall back one checkpoint; that is the policy, not damage.)
+    for symptom in ("is damaged", "failed verification", "could not load", "cannot resume"):
+        assert symptom not in daemon.stderr
     verify = savegame("verify", str(run))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not any((run / ".staging").iterdir()), "stale staging was not collected"

@@ -42,7 +42,8 @@ class Mirror:
         self._remote_infos: Optional[dict[int, CheckpointInfo]] = None
         self._skip: set[int] = set()  # damaged locally: never uploaded
         self.pending: list[int] = []
-        self.declined: set[int] = set()
+        self.declined: set[int] = set()  # local steps the remote policy does not want
+        self._pruned: set[int] = set()  # steps the remote had and let go
         self.last_error: Optional[str] = None
         self.last_upload: Optional[tuple[int, float]] = None  # (step, wall time)
         self._busy = False
@@ -162,7 +163,7 @@ class Mirror:
     def unprotected_steps(self) -> set[int]:
         """Local steps the local tier may delete: the remote holds them, or does not want them."""
         with self._cond:
-            return set(self._remote_infos or {}) | self.declined
+            return set(self._remote_infos or {}) | self.declined | self._pruned
 
     def _timed(self, operation: Callable[[], T], what: str) -> T:
         """Run one remote operation with a deadline. Client timeouts do not cover every stall (a server
@@ -211,4 +212,5 @@ class Mirror:
             with self._cond:
                 assert self._remote_infos is not None
                 self._remote_infos.pop(step, None)
+                self._pruned.add(step)  # the remote does not want it: the local tier may let it go
             log.info("mirror retention: deleted step %d from %s", step, self.remote.url)
