@@ -81,6 +81,10 @@ class _LocalSink:
     def __init__(self, path: str) -> None:
         self._file = open(path, "wb", buffering=0)
 
+    def fileno(self) -> int:
+        """The descriptor, for writers that tune how bytes reach the disk (O_DIRECT)."""
+        return self._file.fileno()
+
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
         written = 0

@@ -9,6 +9,7 @@ Readers only ever see committed checkpoints: `list()` returns those, sorted by s
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,13 @@ class HashingWriter:
         finally:
             hashed.result()
         return view.nbytes
+
+    def fileno(self) -> int:
+        """The local file's descriptor; io.UnsupportedOperation on object storage."""
+        fileno = getattr(self._sink, "fileno", None)
+        if fileno is None:
+            raise io.UnsupportedOperation("not a local file")
+        return int(fileno())
 
     def close(self) -> None:
         if not self._closed:

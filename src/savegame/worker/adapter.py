@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Union
 
 from savegame.errors import CorruptCheckpoint, UnsupportedFormat
 from savegame.storage import CheckpointInfo, CheckpointStore
-from savegame.storage.checksum import Hasher
-from savegame.worker.safetensors_io import Allocate, TensorBlob, read_safetensors
+from savegame.storage.checksum import Hasher, checksum_stream
+from savegame.worker.safetensors_io import Allocate, TensorBlob, TensorInfo, read_safetensors
 
 TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
@@ -29,7 +29,9 @@ class Capture:
 
     blobs: list[TensorBlob] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # JSON-able
-    files: dict[str, str] = field(default_factory=dict)  # relpath -> local file to copy in
+    # relpath -> a local file to copy in, or a function that the writer thread calls with the file's
+    # sink to write its bytes in order (files built from the captured copies, e.g. Keras' .weights.h5)
+    files: dict[str, Union[str, Callable[[Any], None]]] = field(default_factory=dict)
     cleanup: Optional[Callable[[], None]] = None  # run after the write (e.g. remove a temp folder)
 
 
@@ -83,16 +85,23 @@ class CheckpointReader:
                                     f"savegame reads ({STATE_FORMAT}); upgrade savegame")
         return state
 
-    def read_tensors(self, allocate: Allocate) -> dict[str, str]:
-        """Stream state.safetensors into the buffers `allocate` gives, checking the checksum on the way."""
+    def read_tensors(self, allocate: Allocate, check: Optional[Callable[[list[TensorInfo]], None]] = None
+                     ) -> dict[str, str]:
+        """Stream state.safetensors into the buffers `allocate` gives, checking the checksum on the way.
+
+        `check(infos)` sees every tensor's name, dtype and shape before any byte is read."""
         entry = self._entry(TENSORS_FILE)
         with self.store.open_file(self.info, TENSORS_FILE) as stream:
             return read_safetensors(stream, allocate, f"{self.info.path}/{TENSORS_FILE}",
-                                    expected=(entry.bytes, entry.checksum))
+                                    expected=(entry.bytes, entry.checksum), check=check)
 
     def verified_local_path(self, relpath: str) -> str:
         """A local path to a payload file after checking its checksum (local stores only)."""
         if not self.store.is_local:
             raise ValueError("verified_local_path needs a local store")
-        self.read_bytes(relpath)
-        return os.path.join(self.info.path, relpath)
+        entry = self._entry(relpath)
+        path = os.path.join(self.info.path, relpath)
+        with open(path, "rb", buffering=0) as stream:  # hashed as it streams: no copy of the file in memory
+            if checksum_stream(stream) != (entry.bytes, entry.checksum):
+                raise CorruptCheckpoint(f"{self.info.path}: {relpath}: checksum mismatch: the file was altered or damaged")
+        return path

@@ -7,11 +7,12 @@ so verification overlaps the read; nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
 
 from savegame.errors import CorruptCheckpoint, UnsupportedFormat
 from savegame.storage.checksum import Hasher
@@ -20,6 +21,7 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
             "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER = 100 << 20
 READ_CHUNK = 64 << 20
+WRITE_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     return count * ITEMSIZE[dtype]
 
 
-def encode_header(blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]] = None) -> bytes:
+def encode_header(blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]] = None, align: int = 8) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces so the data starts at a multiple of `align`."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -51,19 +54,54 @@ def encode_header(blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]
         header[blob.name] = {"dtype": blob.dtype, "shape": list(blob.shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(8 + len(raw)) % max(align, 8))
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(sink: Any, blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]] = None) -> int:
-    """Write a safetensors file to `sink` (anything with write); returns the bytes written."""
-    header = encode_header(blobs, metadata)
+def write_safetensors(sink: Any, blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]] = None,
+                      align: int = 8) -> int:
+    """Write a safetensors file to `sink` (anything with write); returns the bytes written.
+
+    The data starts at a multiple of `align` in the file. Blobs that lie back to back in memory
+    (one host buffer) go out as a few large writes of WRITE_CHUNK bytes, never copied.
+    """
+    header = encode_header(blobs, metadata, align)
     sink.write(header)
     total = len(header)
-    for blob in blobs:
-        sink.write(blob.data)
-        total += blob.data.nbytes
+    for run in coalesce(blob.data for blob in blobs):
+        for start in range(0, run.nbytes, WRITE_CHUNK):
+            sink.write(run[start:start + WRITE_CHUNK])
+        total += run.nbytes
     return total
+
+
+def buffer_address(view: memoryview) -> Optional[int]:
+    """Where a buffer's bytes are in memory (None when that cannot be told without copying)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):  # read-only or empty
+        return None
+
+
+def coalesce(views: Iterable[memoryview]) -> Iterator[memoryview]:
+    """The same bytes, with views that are adjacent in memory merged into one (the originals must stay alive)."""
+    run: Optional[memoryview] = None
+    run_start = run_end = None
+    for view in views:
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if view.nbytes == 0:
+            continue
+        start = buffer_address(view)
+        if run is not None and start is not None and start == run_end:
+            run_end = start + view.nbytes
+            run = memoryview((ctypes.c_char * (run_end - run_start)).from_address(run_start)).cast("B")  # type: ignore[operator]
+            continue
+        if run is not None:
+            yield run
+        run, run_start = view, start
+        run_end = None if start is None else start + view.nbytes
+    if run is not None:
+        yield run
 
 
 @dataclass(frozen=True)
@@ -129,15 +167,17 @@ Allocate = Callable[[TensorInfo], memoryview]
 
 
 def read_safetensors(stream: BinaryIO, allocate: Allocate, where: str,
-                     expected: Optional[tuple[int, str]] = None) -> dict[str, str]:
+                     expected: Optional[tuple[int, str]] = None,
+                     check: Optional[Callable[[list[TensorInfo]], None]] = None) -> dict[str, str]:
     """Read every tensor into the buffer `allocate` returns for it; verify (bytes, checksum) if given.
 
+    `check(infos)` sees the parsed header before any data is read (and may raise to refuse it).
     Returns the file's metadata. On a mismatch raises CorruptCheckpoint: the destinations then hold
     garbage, and the caller must not use them.
     """
     hashing = _BackgroundHasher()
     try:
-        metadata = _read_all(stream, allocate, where, hashing)
+        metadata = _read_all(stream, allocate, where, hashing, check)
         if stream.read(1):
             raise CorruptCheckpoint(f"{where}: the file is longer than its header says")
     finally:
@@ -147,7 +187,8 @@ def read_safetensors(stream: BinaryIO, allocate: Allocate, where: str,
     return metadata
 
 
-def _read_all(stream: BinaryIO, allocate: Allocate, where: str, hashing: _BackgroundHasher) -> dict[str, str]:
+def _read_all(stream: BinaryIO, allocate: Allocate, where: str, hashing: _BackgroundHasher,
+              check: Optional[Callable[[list[TensorInfo]], None]] = None) -> dict[str, str]:
     prefix = _read_exact(stream, 8, where)
     hashing.update(memoryview(prefix))
     (length,) = struct.unpack("<Q", prefix)
@@ -156,6 +197,8 @@ def _read_all(stream: BinaryIO, allocate: Allocate, where: str, hashing: _Backgr
     raw = _read_exact(stream, length, where)
     hashing.update(memoryview(raw))
     infos, metadata = parse_header(raw, where)
+    if check is not None:
+        check(infos)
     for info in infos:
         dest = allocate(info)
         if dest.nbytes != info.nbytes:

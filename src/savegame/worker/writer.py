@@ -1,18 +1,23 @@
 """Writes captures in the background, one at a time (back-pressure: never more than one extra copy)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import mmap
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from savegame.storage import CheckpointInfo, CheckpointStore, StagedCheckpoint
 from savegame.storage.checksum import CHUNK
 from savegame.worker.adapter import STATE_FILE, TENSORS_FILE, Capture
-from savegame.worker.safetensors_io import write_safetensors
+from savegame.worker.safetensors_io import buffer_address, write_safetensors
 
 log = logging.getLogger("savegame.worker")
+DIRECT_ALIGN = 4096  # file offsets, lengths and memory addresses of O_DIRECT writes
+DIRECT_MIN = 1 << 20  # smaller writes are not worth bypassing the page cache
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,86 @@ def write_checkpoint(store: CheckpointStore, job: SaveJob) -> CheckpointInfo:
     try:
         with staged:
             with staged.open(TENSORS_FILE) as f:
-                write_safetensors(f, job.capture.blobs, {"format": "savegame", "step": str(job.step)})
+                write_safetensors(DirectWrites(f), job.capture.blobs, {"format": "savegame", "step": str(job.step)},
+                                  align=DIRECT_ALIGN)
             state = {**job.core_state, "adapter": job.capture.state}
             staged.write_bytes(STATE_FILE, json.dumps(state).encode())
-            for relpath, local in job.capture.files.items():
-                _copy_in(staged, relpath, local)
+            for relpath, source in job.capture.files.items():
+                if callable(source):
+                    with staged.open(relpath) as sink:
+                        source(sink)  # writes the file's bytes in order; the sink checksums them
+                else:
+                    _copy_in(staged, relpath, source)
             return staged.commit(epoch=job.epoch, reason=job.reason, metrics=job.metrics,
                                  framework=job.framework, run_id=job.run_id, resumed_from=job.resumed_from)
     finally:
         if job.capture.cleanup is not None:
             job.capture.cleanup()
+
+
+class DirectWrites:
+    """Sends large page-aligned writes to a local file around the page cache (O_DIRECT).
+
+    A buffered write copies every byte into the page cache and leaves fsync to push it out; on a
+    2-core VM that took 2.4-4.2 s and about half the training thread's throughput per GiB, against
+    0.7 s for O_DIRECT, which hands the host buffer to the disk as it is. The header, unaligned
+    pieces, the tail, object stores and filesystems that refuse O_DIRECT take the normal path. The
+    wrapped writer still sees every byte in order (it checksums them).
+    """
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._fd = _probe_direct(_local_fd(f))
+        self._pos = 0
+        self._direct = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        total = view.nbytes
+        if self._fd is not None and total >= DIRECT_MIN and self._pos % DIRECT_ALIGN == 0:
+            address = buffer_address(view)
+            if address is not None and address % DIRECT_ALIGN == 0:
+                bulk = total - total % DIRECT_ALIGN
+                self._set_direct(True)
+                self._f.write(view[:bulk])
+                self._pos += bulk
+                view = view[bulk:]
+        if view.nbytes:
+            self._set_direct(False)
+            self._f.write(view)
+            self._pos += view.nbytes
+        return total
+
+    def _set_direct(self, on: bool) -> None:
+        if self._fd is not None and on != self._direct:
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, (flags | os.O_DIRECT) if on else (flags & ~os.O_DIRECT))
+            self._direct = on
+
+
+def _local_fd(f: Any) -> Optional[int]:
+    """The descriptor of a staged local file, or None (object storage)."""
+    try:
+        return int(f.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return None
+
+
+def _probe_direct(fd: Optional[int]) -> Optional[int]:
+    """`fd` if this file takes O_DIRECT writes, else None. Writes one zero block at offset 0 of the
+    (still empty) file, which the header then overwrites."""
+    if fd is None or not hasattr(os, "O_DIRECT") or os.lseek(fd, 0, os.SEEK_CUR) != 0:
+        return None
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    block = mmap.mmap(-1, DIRECT_ALIGN)  # page-aligned, zeroed
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+        return fd if os.pwrite(fd, block, 0) == DIRECT_ALIGN else None
+    except OSError:
+        return None
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        block.close()
 
 
 def _copy_in(staged: StagedCheckpoint, relpath: str, local: str) -> None:
