@@ -114,13 +114,14 @@ TOP_KEYS: dict[str, Parser] = {
     "monitor": _text, "mode": _choice("min", "max", "auto"), "grace": duration,
     "max_restarts": _integer(), "restart_window": duration, "backoff_initial": duration,
     "backoff_max": duration, "hang_timeout": duration, "stale_after": duration,
-    "mirror_deadline": duration, "upload_timeout": duration, "command": _command, "storage": _table,
+    "mirror_deadline": duration, "upload_timeout": duration, "preemption": _text,
+    "preemption_interval": duration, "command": _command, "storage": _table,
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS}
 DEFAULTS: dict[str, Any] = {
     "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
     "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
-    "mirror_deadline": 60.0, "upload_timeout": 600.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
+    "mirror_deadline": 60.0, "upload_timeout": 600.0, "preemption_interval": 5.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
 }
 
 
@@ -223,6 +224,10 @@ def build_config(layers: Sequence[Layer]) -> RunConfig:
     values = _merge(_merge(DEFAULTS, preset), explicit)
     values["regime"] = regime
     values["mirror_keep"] = {**values["keep"], **explicit.get("mirror_keep", {})}
+    if values.get("preemption"):
+        from savegame.daemon.preemption import notice_source
+
+        notice_source(values["preemption"])  # raises ConfigError for an unknown provider
     if values["resume"] == "best" and not values.get("monitor"):
         raise ConfigError("resume = 'best' needs a monitored metric: set monitor (e.g. --monitor val_acc)")
     return RunConfig(values=values, explicit=explicit)

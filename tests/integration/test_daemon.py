@@ -154,3 +154,42 @@ def test_status_shows_a_running_daemon(tmp_path):
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(timeout=10) == 0
     assert "state:           stopped" in savegame("status", str(run)).stdout
+
+
+def test_a_preemption_notice_stops_the_run_with_an_emergency_checkpoint(tmp_path):
+    """A metadata server (a real HTTP server on loopback) announces the preemption: the daemon
+    stops the worker with an emergency checkpoint before any SIGTERM arrives."""
+    import http.server
+    import threading
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        preempted = False
+
+        def do_GET(self):  # noqa: N802
+            body = b"TRUE" if Metadata.preempted else b"FALSE"
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "savegame.toml"
+    config.write_text(f'preemption = "http://127.0.0.1:{server.server_port}/preempted"\npreemption_interval = 0.1\n'
+                      "[keep]\nlast = 100\n")
+    run = tmp_path / "run"
+    try:
+        daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 1000),
+                        ["--config", str(config)]).start()
+        daemon.worker_pid()
+        time.sleep(0.5)
+        assert daemon.proc.poll() is None  # "FALSE": no notice yet
+        Metadata.preempted = True
+        assert daemon.wait(timeout=15) == 0, daemon.stderr
+    finally:
+        server.shutdown()
+    assert "preemption notice (url): asking the worker for an emergency checkpoint" in daemon.stderr
+    manifest = json.loads((run / f"ckpt-{committed_steps(run)[-1]:012d}" / "manifest.json").read_text())
+    assert manifest["reason"] == "emergency"

@@ -21,6 +21,7 @@ from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
 from savegame.daemon import machine as m
 from savegame.daemon.events import EventInbox
 from savegame.daemon.mirror import Mirror
+from savegame.daemon.preemption import PreemptionWatcher, notice_source
 from savegame.daemon.process import WorkerProcess, worker_env
 from savegame.daemon.resume import ResumeChooser, ResumePoint
 from savegame.daemon.sdnotify import Notifier
@@ -55,6 +56,9 @@ class Supervisor:
         self.mirror = (Mirror(self.local, self.remote, config.retention("mirror"), config.monitor, self.wake,
                               config["stale_after"], config["upload_timeout"]) if self.remote else None)
         self.watcher = FolderWatcher(self.run_dir, self.wake)
+        self.preemption = (PreemptionWatcher(notice_source(config["preemption"]), config["preemption_interval"],
+                                             self._on_preemption_notice) if config["preemption"] else None)
+        self.notices: collections.deque[str] = collections.deque()
         self.worker: Optional[WorkerProcess] = None
         self.resume_point: Optional[ResumePoint] = None
         self.attempt = 0
@@ -87,6 +91,8 @@ class Supervisor:
         self.watcher.start()
         if self.mirror:
             self.mirror.start()
+        if self.preemption:
+            self.preemption.start()
         log.info("run %s in %s%s", self.run_id, self.run_dir, f", mirrored to {self.remote.url}" if self.remote else "")
         self._perform(m.StartWorker(fallback=False))
         try:
@@ -141,7 +147,14 @@ class Supervisor:
         for signum in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(signum, lambda num, frame: self.signals.append(num))
 
+    def _on_preemption_notice(self, what: str) -> None:
+        """Called from the watcher thread: the VM is about to be taken away."""
+        self.notices.append(what)
+        self.wake()
+
     def _take_signals(self) -> None:
+        while self.notices:
+            self.events.append(m.StopRequested(self.notices.popleft()))
         while self.signals:
             signum = self.signals.popleft()
             if signum in STOP_SIGNALS:
@@ -379,6 +392,8 @@ class Supervisor:
         if self.worker is not None and self.worker.poll() is None:
             self.worker.kill_group()  # never leave an orphan behind
         self.watcher.stop()
+        if self.preemption:
+            self.preemption.stop()
         if self.mirror:
             self.mirror.close()
         self._write_status()
