@@ -191,6 +191,10 @@ class Checkpointer:
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Iterate a loader from the resume position; each batch's end is a step boundary."""
         skip = self.progress.batch_in_epoch if self._resume_mid_epoch else 0
+        try:
+            self.epoch_length = len(loader)  # type: ignore[arg-type]  # the full epoch: not yet fast-forwarded
+        except TypeError:
+            pass  # a loader without a length: the epoch end may find its step already saved
         prepare = getattr(self._adapter, "prepare_loader", None)
         iterator, skipped = (prepare(loader, self.progress.epoch, skip, self._resume_mid_epoch)
                              if prepare else (iter(loader), 0))

@@ -6,6 +6,7 @@ import json
 import logging
 import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -129,6 +130,18 @@ def _copy_in(staged: StagedCheckpoint, relpath: str, local: str) -> None:
             dst.write(view[:n])
 
 
+WRITER_NICENESS = 10
+
+
+def _yield_to_training() -> None:
+    """Persisting may take longer; training must not slow down. A lower priority for the writer
+    thread (and the checksum thread it starts, which inherits it) leaves the cores to training."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):
+        pass
+
+
 class BackgroundWriter:
     """One writer thread; `submit` first waits for the save in flight."""
 
@@ -136,7 +149,8 @@ class BackgroundWriter:
                                                                   Optional[BaseException]], None]) -> None:
         self._store = store
         self._on_done = on_done
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-writer")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-writer",
+                                        initializer=_yield_to_training)
         self._inflight: Optional[Future[None]] = None
         self.inflight_step: Optional[int] = None
 
