@@ -40,6 +40,9 @@ class Adapter(Protocol):
 
     def capture(self) -> Capture: ...
 
+    # Optional: `capture_in_place() -> Capture` whose blobs point at the live state, for saves the
+    # training loop waits out (emergency, final): no copy, no buffer to allocate.
+
     def restore(self, reader: "CheckpointReader") -> None: ...
 
 

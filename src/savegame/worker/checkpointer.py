@@ -255,7 +255,9 @@ class Checkpointer:
         if wait:
             self._writer.wait()
 
-    def _save(self, reason: str, metrics: Mapping[str, float]) -> None:
+    def _save(self, reason: str, metrics: Mapping[str, float], in_place: bool = False) -> None:
+        """Capture and hand to the writer. `in_place`: the caller waits for the commit before training
+        could change anything (emergency, final), so adapters may write straight from live memory."""
         step = self.progress.step
         if step == self._writer.inflight_step:
             self._wait_for_writer()  # the same state is being written: wait, and retry only if it failed
@@ -267,7 +269,8 @@ class Checkpointer:
         if self._failed_saves >= MAX_FAILED_SAVES:
             raise StorageError(f"{self._failed_saves} checkpoints in a row failed to save (see the log); "
                                "stopping rather than training on without a way back")
-        capture = self._adapter.capture()
+        capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
+        capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
                                     self.framework, self.run_id, self.resumed_from))
 
@@ -309,7 +312,7 @@ class Checkpointer:
     def _stop(self, moment: Moment) -> None:
         """Emergency: commit this step's state (unless it already is), then exit 75."""
         self._events.send("saving", step=moment.step, reason="emergency")
-        self._save("emergency", moment.metrics if moment.at_epoch_end else {})
+        self._save("emergency", moment.metrics if moment.at_epoch_end else {}, in_place=True)
         self._writer.wait()
         if self._failed_saves:
             log.error("the emergency checkpoint failed; exiting without it")
@@ -321,7 +324,7 @@ class Checkpointer:
 
     def finish(self) -> None:
         """End of training: commit the final state, wait for it, tell the daemon."""
-        self._save("final", self.metrics)
+        self._save("final", self.metrics, in_place=True)
         self._writer.wait()
         self._report("finished")
         self.close()

@@ -45,6 +45,18 @@ class NumpyAdapter:
             blobs.append(TensorBlob(name, DTYPES[array.dtype], array.shape, memoryview(buffer.reshape(-1).view(np.uint8))))
         return Capture(blobs=blobs, state={"objects": skeleton})
 
+    def capture_in_place(self) -> Capture:
+        """The arrays' own memory (C-contiguous ones), for a save that training waits out."""
+        encoder = Encoder(lambda x: isinstance(x, np.ndarray))
+        skeleton = {name: encoder.encode(obj, name) for name, obj in self.objects.items()}
+        blobs = []
+        for name, array in encoder.tensors.items():
+            if array.dtype not in DTYPES:
+                raise ConfigError(f"{name}: arrays of dtype {array.dtype} cannot be saved")
+            data = np.ascontiguousarray(array)
+            blobs.append(TensorBlob(name, DTYPES[array.dtype], array.shape, memoryview(data.reshape(-1).view(np.uint8))))
+        return Capture(blobs=blobs, state={"objects": skeleton})
+
     def restore(self, reader: CheckpointReader) -> None:
         saved = reader.state.get("adapter", {}).get("objects", {})
         live = {name: obj for name, obj in self.objects.items() if isinstance(obj, np.ndarray)}

@@ -152,6 +152,19 @@ class TorchAdapter:
         blobs = self._buffers.copy(encoder.tensors)
         return Capture(blobs=blobs, state={"objects": skeleton, "rng": rng})
 
+    def capture_in_place(self) -> Capture:
+        """For a save that training waits out (emergency, final): CPU tensors are written from their
+        own memory, with no copy; with any tensor on a GPU, the usual pinned-buffer copy."""
+        encoder = Encoder(lambda x: isinstance(x, torch.Tensor))
+        skeleton = {name: encoder.encode(obj.state_dict(), name) for name, obj in self.objects.items()}
+        rng = encoder.encode(_torch_rng_states(), "rng")
+        tensors = {name: t.detach() for name, t in encoder.tensors.items()}
+        if any(t.device.type != "cpu" or t.dtype not in DTYPES for t in tensors.values()):
+            return Capture(blobs=self._buffers.copy(encoder.tensors), state={"objects": skeleton, "rng": rng})
+        blobs = [TensorBlob(name, DTYPES[t.dtype], tuple(t.shape), memoryview(_bytes_view(t.contiguous()).numpy()))
+                 for name, t in tensors.items()]
+        return Capture(blobs=blobs, state={"objects": skeleton, "rng": rng})
+
     # -- restoring ------------------------------------------------------------------------------
 
     def restore(self, reader: CheckpointReader) -> None:
