@@ -33,6 +33,10 @@ class Capture:
     # sink to write its bytes in order (files built from the captured copies, e.g. Keras' .weights.h5)
     files: dict[str, Union[str, Callable[[Any], None]]] = field(default_factory=dict)
     cleanup: Optional[Callable[[], None]] = None  # run after the write (e.g. remove a temp folder)
+    # Pipelining: the training thread runs `fill()` after the job is handed to the writer (the copy
+    # into the blobs' buffers), and the writer calls `ready(n)` before writing data bytes [0, n).
+    fill: Optional[Callable[[], None]] = None
+    ready: Optional[Callable[[int], None]] = None
 
 
 class Adapter(Protocol):

@@ -273,6 +273,8 @@ class Checkpointer:
         capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
                                     self.framework, self.run_id, self.resumed_from))
+        if capture.fill is not None:
+            capture.fill()  # the copy, while the writer already writes what is copied
 
     def _wait_for_writer(self) -> None:
         self._writer.wait()

@@ -59,20 +59,24 @@ def encode_header(blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]
 
 
 def write_safetensors(sink: Any, blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]] = None,
-                      align: int = 8) -> int:
+                      align: int = 8, ready: Optional[Callable[[int], None]] = None) -> int:
     """Write a safetensors file to `sink` (anything with write); returns the bytes written.
 
     The data starts at a multiple of `align` in the file. Blobs that lie back to back in memory
-    (one host buffer) go out as a few large writes of WRITE_CHUNK bytes, never copied.
+    (one host buffer) go out as a few large writes of WRITE_CHUNK bytes, never copied. `ready(n)`,
+    if given, is called before data bytes [0, n) are written (they may still be being copied).
     """
     header = encode_header(blobs, metadata, align)
     sink.write(header)
-    total = len(header)
+    done = 0
     for run in coalesce(blob.data for blob in blobs):
         for start in range(0, run.nbytes, WRITE_CHUNK):
-            sink.write(run[start:start + WRITE_CHUNK])
-        total += run.nbytes
-    return total
+            piece = run[start:start + WRITE_CHUNK]
+            if ready is not None:
+                ready(done + piece.nbytes)
+            sink.write(piece)
+            done += piece.nbytes
+    return len(header) + done
 
 
 def buffer_address(view: memoryview) -> Optional[int]:

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy
 import torch
@@ -56,6 +56,15 @@ class HostBuffers:
         self._pool: Optional[ThreadPoolExecutor] = None
 
     def copy(self, tensors: dict[str, torch.Tensor]) -> list[TensorBlob]:
+        """Copy everything now; the blobs point into the host buffer."""
+        blobs, fill, _ready = self.plan(tensors)
+        fill()
+        return blobs
+
+    def plan(self, tensors: dict[str, torch.Tensor]) -> tuple[list[TensorBlob], Callable[[], None],
+                                                             Callable[[int], None]]:
+        """Lay the tensors out in the host buffer; return (blobs, fill, ready): `fill()` does the copy
+        (on the training thread), `ready(n)` waits until the first n bytes are copied (the writer)."""
         layout, offset = [], 0
         # Tensors whose sizes are multiples of 64 bytes first: the big copies then all start aligned
         # (a memcpy to a misaligned destination runs up to ~1.5x slower); the odd scalars go last.
@@ -71,47 +80,113 @@ class HostBuffers:
             self._flat = host_empty(offset, pin=on_gpu)
             self._layout, self._pinned = layout, on_gpu
         flat = self._flat.numpy()
-        pieces = []
-        for name, _dtype, _shape, start, size in layout:
-            src = tensors[name].detach()
-            if not src.is_contiguous():
-                src = src.contiguous()
-            if src.device.type == "cpu":
-                pieces.append((flat[start:start + size], _bytes_view(src).numpy()))
-            else:
-                self._flat[start:start + size].copy_(_bytes_view(src), non_blocking=True)
-        self._copy_cpu(pieces)
-        if on_gpu:
-            torch.cuda.synchronize()
-        return [TensorBlob(name, DTYPES[dtype], shape, memoryview(flat[start:start + size]))
-                for name, dtype, shape, start, size in layout]
+        blobs = [TensorBlob(name, DTYPES[dtype], shape, memoryview(flat[start:start + size]))
+                 for name, dtype, shape, start, size in layout]
+        progress = CopyProgress()
+        return blobs, lambda: self._fill(tensors, layout, progress), progress.wait_for
 
-    def _copy_cpu(self, pieces: list[tuple[numpy.ndarray, numpy.ndarray]]) -> None:
+    def _fill(self, tensors: dict[str, torch.Tensor], layout: list, progress: "CopyProgress") -> None:
+        assert self._flat is not None
+        flat = self._flat.numpy()
+        try:
+            pieces = []
+            for name, _dtype, _shape, start, size in layout:
+                src = tensors[name].detach()
+                if not src.is_contiguous():
+                    src = src.contiguous()
+                if src.device.type == "cpu":
+                    pieces.append((flat[start:start + size], _bytes_view(src).numpy()))
+                else:
+                    self._flat[start:start + size].copy_(_bytes_view(src), non_blocking=True)
+            on_gpu = len(pieces) < len(layout)
+            # With GPU tensors in the layout, the writer waits for everything (one synchronize);
+            # CPU-only, it follows the copy chunk by chunk.
+            self._copy_cpu(pieces, None if on_gpu else progress)
+            if on_gpu:
+                torch.cuda.synchronize()
+            progress.done_all()
+        except BaseException as exc:
+            progress.fail(exc)
+            raise
+
+    def _copy_cpu(self, pieces: list[tuple[numpy.ndarray, numpy.ndarray]], progress: Optional["CopyProgress"]) -> None:
         """memcpy (numpy.copyto, ~2x torch's copy_ here) in COPY_CHUNK pieces, by this thread and
-        helpers that each take the next piece (a helper on a busy core does not hold the others up)."""
-        chunks = iter([(dst[i:i + COPY_CHUNK], src[i:i + COPY_CHUNK])
-                       for dst, src in pieces for i in range(0, max(dst.nbytes, 1), COPY_CHUNK)])
+        helpers that each take the next piece (a helper on a busy core does not hold the others up).
+        Pieces go in file order, and each reports when it is done, so the writer can follow."""
+        flat_start = self._flat.numpy().ctypes.data if self._flat is not None else 0
+        chunks = [(dst[i:i + COPY_CHUNK], src[i:i + COPY_CHUNK])
+                  for dst, src in pieces for i in range(0, max(dst.nbytes, 1), COPY_CHUNK)]
+        if progress is not None:
+            progress.expect([(dst.ctypes.data - flat_start, dst.nbytes) for dst, _ in chunks])
+        order = iter(enumerate(chunks))
         total = sum(dst.nbytes for dst, _ in pieces)
         helpers = min(COPY_THREADS, total // PARALLEL_MIN) - 1
         if helpers < 1:
-            _copy_from(chunks, None)
+            _copy_from(order, None, progress)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="savegame-copy")
         lock = threading.Lock()
-        running = [self._pool.submit(_copy_from, chunks, lock) for _ in range(helpers)]
-        _copy_from(chunks, lock)
+        running = [self._pool.submit(_copy_from, order, lock, progress) for _ in range(helpers)]
+        _copy_from(order, lock, progress)
         for future in running:
             future.result()
 
 
-def _copy_from(chunks: Iterator[tuple[numpy.ndarray, numpy.ndarray]], lock: Optional[threading.Lock]) -> None:
+class CopyProgress:
+    """Which bytes of the host buffer are copied: the writer waits on it, the copiers report to it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._chunks: list[tuple[int, int]] = []  # (offset, size) of each chunk, in file order
+        self._done: list[bool] = []
+        self._next = 0  # chunks [0, _next) are all done
+        self._ready_bytes = 0
+        self._all = False
+        self._error: Optional[BaseException] = None
+
+    def expect(self, chunks: list[tuple[int, int]]) -> None:
+        with self._cond:
+            self._chunks, self._done = chunks, [False] * len(chunks)
+
+    def chunk_done(self, index: int) -> None:
+        with self._cond:
+            self._done[index] = True
+            while self._next < len(self._done) and self._done[self._next]:
+                offset, size = self._chunks[self._next]
+                self._ready_bytes = offset + size
+                self._next += 1
+            self._cond.notify_all()
+
+    def done_all(self) -> None:
+        with self._cond:
+            self._all = True
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
+
+    def wait_for(self, nbytes: int) -> None:
+        with self._cond:
+            while not self._all and self._ready_bytes < nbytes and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise RuntimeError(f"the copy into the host buffer failed: {self._error}")
+
+
+def _copy_from(chunks: Iterator[tuple[int, tuple[numpy.ndarray, numpy.ndarray]]], lock: Optional[threading.Lock],
+               progress: Optional[CopyProgress]) -> None:
     while True:
         with lock or contextlib.nullcontext():
-            pair = next(chunks, None)
-        if pair is None:
+            item = next(chunks, None)
+        if item is None:
             return
+        index, pair = item
         numpy.copyto(*pair)  # releases the GIL for large copies
+        if progress is not None:
+            progress.chunk_done(index)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -149,8 +224,8 @@ class TorchAdapter:
         encoder = Encoder(lambda x: isinstance(x, torch.Tensor))
         skeleton = {name: encoder.encode(obj.state_dict(), name) for name, obj in self.objects.items()}
         rng = encoder.encode(_torch_rng_states(), "rng")
-        blobs = self._buffers.copy(encoder.tensors)
-        return Capture(blobs=blobs, state={"objects": skeleton, "rng": rng})
+        blobs, fill, ready = self._buffers.plan(encoder.tensors)
+        return Capture(blobs=blobs, state={"objects": skeleton, "rng": rng}, fill=fill, ready=ready)
 
     def capture_in_place(self) -> Capture:
         """For a save that training waits out (emergency, final): CPU tensors are written from their

@@ -43,7 +43,7 @@ def write_checkpoint(store: CheckpointStore, job: SaveJob) -> CheckpointInfo:
             with staged.open(TENSORS_FILE) as f:
                 direct = DirectWrites(f)
                 write_safetensors(direct, job.capture.blobs, {"format": "savegame", "step": str(job.step)},
-                                  align=DIRECT_ALIGN)
+                                  align=DIRECT_ALIGN, ready=job.capture.ready)
                 direct.flush()
             state = {**job.core_state, "adapter": job.capture.state}
             staged.write_bytes(STATE_FILE, json.dumps(state).encode())
