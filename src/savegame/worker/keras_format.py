@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from savegame.errors import ConfigError
+from savegame.worker.writer import DirectWrites
 
 WEIGHTS_FILE = "model.weights.h5"
 KERAS_FILE = "model.keras"
@@ -164,8 +165,8 @@ def write_weights_h5(sink: Any, entries: list[tuple[str, Optional[dict], list[tu
                     group.attrs[key] = value
                 for key, array in items:
                     placed += _add_dataset(h5py, group, key, array)
-        with open(skeleton, "rb") as structure:
-            _stream(structure, sorted(placed, key=lambda p: p[0]), _direct(sink))
+        with open(skeleton, "rb") as structure, DirectWrites(sink) as out:
+            _stream(structure, sorted(placed, key=lambda p: p[0]), out)
     finally:
         os.unlink(skeleton)
 
@@ -208,15 +209,6 @@ def _copy_range(source: Any, start: int, length: int, sink: Any) -> None:
             raise RuntimeError("the HDF5 structure file ended early")  # pragma: no cover
         sink.write(chunk)
         length -= len(chunk)
-
-
-def _direct(sink: Any) -> Any:
-    """The writer's page-cache bypass for large aligned runs, where it has one."""
-    try:
-        from savegame.worker.writer import DirectWrites
-    except ImportError:  # pragma: no cover
-        return sink
-    return DirectWrites(sink)
 
 
 def read_weights(path: str, layout: list, where: str) -> Optional[list[tuple[Any, np.ndarray]]]:

@@ -40,11 +40,9 @@ def write_checkpoint(store: CheckpointStore, job: SaveJob) -> CheckpointInfo:
     staged = store.begin(job.step)
     try:
         with staged:
-            with staged.open(TENSORS_FILE) as f:
-                direct = DirectWrites(f)
+            with staged.open(TENSORS_FILE) as f, DirectWrites(f) as direct:
                 write_safetensors(direct, job.capture.blobs, {"format": "savegame", "step": str(job.step)},
                                   align=DIRECT_ALIGN, ready=job.capture.ready)
-                direct.flush()
             state = {**job.core_state, "adapter": job.capture.state}
             staged.write_bytes(STATE_FILE, json.dumps(state).encode())
             for relpath, source in job.capture.files.items():
@@ -69,7 +67,8 @@ class DirectWrites:
     0.25 s for 256 MB here). Page-aligned buffers go to the disk as they are; anything else passes
     through a small aligned bounce buffer. Only the last partial page is written normally. Object
     stores and filesystems that refuse O_DIRECT take the normal path. The wrapped writer still sees
-    every byte in order (it checksums them). Call `flush()` at the end.
+    every byte in order (it checksums them). Use it as a context manager: leaving it flushes the
+    bounce buffer (an exception leaves the file unfinished, and the save is aborted anyway).
     """
 
     def __init__(self, f: Any) -> None:
@@ -101,6 +100,13 @@ class DirectWrites:
                 self._send(memoryview(self._bounce), direct=True)
                 self._filled = 0
         return total
+
+    def __enter__(self) -> "DirectWrites":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.flush()
 
     def flush(self) -> None:
         """Write what the bounce buffer holds: whole pages directly, the last partial page normally."""
