@@ -13,6 +13,7 @@ rm -rf "$RUN"
 say "savegame run --dir $RUN -- python examples/pytorch_mnist_cnn.py --epochs 5   (63 steps per epoch)"
 "$BIN/savegame" run --dir "$RUN" -- "${TRAIN[@]}" &
 daemon=$!
+trap 'kill -TERM "$daemon" 2>/dev/null || true' EXIT  # never leave the run behind if a step fails
 
 worker=$("$BIN/python" scripts/wait_for_step.py "$RUN" 90)
 say "SIGKILL to the worker (pid $worker) in the middle of epoch 2: the daemon restarts it from its last checkpoint"

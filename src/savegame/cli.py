@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list committed checkpoints")
     ls.add_argument("url", metavar="DIR_OR_URL")
     _policy_flags(ls)
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="committed checkpoints as JSON, oldest first")
+    ls.add_argument("--all", action="store_true",
+                    help="with --json, also damaged, incomplete and quarantined folders (marked by 'status')")
 
     verify = sub.add_parser("verify", help="check every file's size and checksum")
     verify.add_argument("url", metavar="DIR_OR_URL")
@@ -121,21 +123,25 @@ def _print_json(data: Any) -> None:
 
 
 def _protected_by_daemon(url: str) -> dict[int, str]:
-    """A running daemon's resume source must survive a prune from the command line."""
+    """What a running daemon keeps for now (its resume source, what the mirror has not confirmed)
+    must survive a prune from the command line too."""
     from savegame.daemon.status import TERMINAL_STATES, read_status
 
     status = (read_status(url) if "://" not in url else None) or {}
-    step = status.get("resumed_from")
-    if step is None or status.get("state") in TERMINAL_STATES:
+    if status.get("state") in TERMINAL_STATES:
         return {}
-    return {int(step): "resume source of the running daemon"}
+    protected = {int(step): f"{why} (running daemon)" for step, why in (status.get("protected") or {}).items()}
+    if status.get("resumed_from") is not None:
+        protected.setdefault(int(status["resumed_from"]), "resume source of the running daemon")
+    return protected
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from savegame.inspect_cmds import format_ls, ls_rows, open_existing
 
     config = config_from_args(args)
-    rows = ls_rows(open_existing(args.url, config["storage"]), config, _protected_by_daemon(args.url))
+    rows = ls_rows(open_existing(args.url, config["storage"]), config, _protected_by_daemon(args.url),
+                   include_problems=args.all or not args.json)
     _print_json(rows) if args.json else print(format_ls(rows))
     return 0
 

@@ -8,8 +8,8 @@ objects it builds.
 from __future__ import annotations
 
 import difflib
+import os
 import re
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -20,10 +20,7 @@ from savegame.strategies import (REGIMES, RESUME_CHOICES, AnyOf, AnySchedule, Ev
                                  RestartPolicy, ThinningTier, resolve_mode)
 from savegame.strategies.regimes import DEFAULT_REGIME
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 Parser = Callable[[Any], Any]
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -95,6 +92,21 @@ def _thin(value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _preemption(value: Any) -> str:
+    if value in ("aws", "gcp", "azure") or (isinstance(value, str) and value.startswith(("http://", "https://"))):
+        return value
+    raise ValueError("must be aws, gcp, azure or an http(s) URL of a notice")
+
+
+def _at_least(minimum: float, parse: Parser) -> Parser:
+    def check(value: Any) -> float:
+        parsed = parse(value)
+        if parsed < minimum:
+            raise ValueError(f"must be at least {minimum:g} seconds")
+        return parsed
+    return check
+
+
 def _table(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("must be a table of options")
@@ -114,8 +126,8 @@ TOP_KEYS: dict[str, Parser] = {
     "monitor": _text, "mode": _choice("min", "max", "auto"), "grace": duration,
     "max_restarts": _integer(), "restart_window": duration, "backoff_initial": duration,
     "backoff_max": duration, "hang_timeout": duration, "stale_after": duration,
-    "mirror_deadline": duration, "upload_timeout": duration, "preemption": _text,
-    "preemption_interval": duration, "command": _command, "storage": _table,
+    "mirror_deadline": duration, "upload_timeout": duration, "preemption": _preemption,
+    "preemption_interval": _at_least(0.5, duration), "command": _command, "storage": _table,
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS}
 DEFAULTS: dict[str, Any] = {
@@ -224,10 +236,9 @@ def build_config(layers: Sequence[Layer]) -> RunConfig:
     values = _merge(_merge(DEFAULTS, preset), explicit)
     values["regime"] = regime
     values["mirror_keep"] = {**values["keep"], **explicit.get("mirror_keep", {})}
-    if values.get("preemption"):
-        from savegame.daemon.preemption import notice_source
-
-        notice_source(values["preemption"])  # raises ConfigError for an unknown provider
+    if values.get("mirror") and values.get("dir") and \
+            os.path.abspath(values["mirror"]) == os.path.abspath(values["dir"]):
+        raise ConfigError(f"mirror = {values['mirror']!r} is the run folder itself; give another disk or a bucket")
     if values["resume"] == "best" and not values.get("monitor"):
         raise ConfigError("resume = 'best' needs a monitored metric: set monitor (e.g. --monitor val_acc)")
     return RunConfig(values=values, explicit=explicit)
@@ -240,7 +251,7 @@ def read_toml(path: str) -> Layer:
             return Layer(f"config {path}", tomllib.load(f))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check the --config path") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"config {path} cannot be read: {exc.strerror}") from None

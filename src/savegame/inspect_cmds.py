@@ -23,21 +23,25 @@ def open_existing(url: str, storage_options: Optional[Mapping[str, Any]] = None)
     return store
 
 
-def _plan(checkpoints: list[CheckpointInfo], config: RunConfig, protected: Mapping[int, str], now: datetime):
-    return plan_retention(checkpoints, config.retention(), now, monitor=config.monitor,  # type: ignore[arg-type]
+def _plan(store: CheckpointStore, checkpoints: list[CheckpointInfo], config: RunConfig,
+          protected: Mapping[int, str], now: datetime):
+    tier = "local" if store.is_local else "mirror"  # a bucket follows [mirror_keep]
+    return plan_retention(checkpoints, config.retention(tier), now, monitor=config.monitor,  # type: ignore[arg-type]
                           protected=protected)
 
 
 def ls_rows(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str],
-            now: Optional[datetime] = None) -> list[dict[str, Any]]:
+            include_problems: bool = True, now: Optional[datetime] = None) -> list[dict[str, Any]]:
+    """One row per committed checkpoint (and, with `include_problems`, per damaged, incomplete or
+    quarantined folder, marked by its "status")."""
     now = now or datetime.now(timezone.utc)
     scan = store.scan()
-    plan = _plan(scan.committed, config, protected, now)
+    plan = _plan(store, scan.committed, config, protected, now)
     rows = [{"step": c.step, "epoch": c.epoch, "reason": c.reason, "metrics": dict(c.metrics),
              "created": c.manifest.created, "bytes": c.bytes, "path": c.path, "status": "committed",
              "keep": plan.keep.get(c.step, [])} for c in scan.committed]
-    for status, problems in (("damaged", scan.damaged), ("incomplete", scan.incomplete),
-                             ("quarantined", scan.quarantined)):
+    problem_kinds = (("damaged", scan.damaged), ("incomplete", scan.incomplete), ("quarantined", scan.quarantined))
+    for status, problems in problem_kinds if include_problems else ():
         rows += [{"step": p.step, "epoch": None, "reason": None, "metrics": {}, "created": None, "bytes": None,
                   "path": store.path_of(p.name), "status": status, "problem": p.problem, "keep": []}
                  for p in problems]
@@ -65,7 +69,7 @@ def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str
     """
     now = now or datetime.now(timezone.utc)
     checkpoints = store.list()
-    plan = _plan(checkpoints, config, protected, now)
+    plan = _plan(store, checkpoints, config, protected, now)
     by_step = {c.step: c for c in checkpoints}
     damaged = _damaged(store, [by_step[s] for s in plan.delete])
     keep = {**plan.keep, **{s: [f"damaged, kept for inspection: {'; '.join(p)}"] for s, p in damaged.items()}}

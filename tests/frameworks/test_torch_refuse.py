@@ -199,7 +199,9 @@ def test_a_checkpoint_of_another_model_is_refused_before_touching_this_one(tmp_p
     before = weights_sha256(other)
     ckpt = Checkpointer(str(run_dir), handle_signals=False)
     ckpt.track(model=other, optimizer=torch.optim.Adam(other.parameters()))
-    assert ckpt.restore() is None  # nothing usable: a fresh start
+    with pytest.raises(SystemExit) as exited:  # a script that does not fit its folder: exit 78, not retried
+        ckpt.restore()
+    assert exited.value.code == 78
     assert weights_sha256(other) == before  # and the model was not touched on the way
     ckpt.close()
 

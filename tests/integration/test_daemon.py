@@ -1,5 +1,6 @@
 """`savegame run` with real worker processes and real signals."""
 import json
+import os
 import random
 import signal
 import time
@@ -193,3 +194,102 @@ def test_a_preemption_notice_stops_the_run_with_an_emergency_checkpoint(tmp_path
     assert "preemption notice (url): asking the worker for an emergency checkpoint" in daemon.stderr
     manifest = json.loads((run / f"ckpt-{committed_steps(run)[-1]:012d}" / "manifest.json").read_text())
     assert manifest["reason"] == "emergency"
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGHUP"])
+def test_sigint_and_sighup_stop_like_sigterm(tmp_path, signal_name):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 1000)).start()
+    daemon.worker_pid()
+    time.sleep(0.3)
+    daemon.signal(getattr(signal, signal_name))
+    assert daemon.wait(timeout=15) == 0, daemon.stderr
+    assert f"{signal_name}: asking the worker for an emergency checkpoint" in daemon.stderr
+    assert committed_steps(run)
+
+
+def test_a_second_sigterm_does_not_cut_the_emergency_save_short(tmp_path):
+    run = tmp_path / "run"
+    # 128 MB of state: the emergency save takes a while, and a second SIGTERM lands inside it.
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--size-mb", 128, "--every", 10**6)).start()
+    daemon.worker_pid()
+    time.sleep(0.5)
+    daemon.signal(signal.SIGTERM)
+    time.sleep(0.05)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0, daemon.stderr
+    assert "already stopping, the emergency checkpoint is not cut short" in daemon.stderr
+    assert "emergency checkpoint committed" in daemon.stderr
+    assert savegame("verify", str(run)).returncode == 0
+
+
+def test_the_scripts_own_monitor_protects_its_best_checkpoint(tmp_path):
+    """`savegame run --keep-last 1` without --monitor: the worker's Checkpointer(monitor="loss")
+    still makes the daemon's retention keep the best checkpoint."""
+    run = tmp_path / "run"
+    worker = ["-c", "import numpy as np, savegame\n"
+                    "w = np.zeros(4)\nc = savegame.Checkpointer(monitor='loss', mode='min', every_epochs=1)\n"
+                    "c.track(w=w); c.restore()\n"
+                    "for epoch in c.epochs(6):\n    w += 1; c.step(); c.end_epoch(loss=[5, 1, 4, 3, 6, 7][epoch])\n"
+                    "c.finish()\n"]
+    daemon = Daemon(run, worker, ["--keep-last", "1"]).start()
+    assert daemon.wait(timeout=30) == 0, daemon.stderr
+    assert committed_steps(run) == [2, 6]  # the best (loss 1 at step 2) and the newest
+    assert "retention follows the worker's settings: monitor loss (min)" in daemon.stderr
+
+
+def test_a_checkpoint_that_fails_while_loading_is_quarantined_and_the_one_before_used(tmp_path):
+    """The daemon verified step N once; it is damaged afterwards; the restarted worker finds it
+    while loading (exit 65), the daemon quarantines it and resumes from the one before."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 10),
+                    ["--keep-last", "100"]).start()
+    try:
+        pid = daemon.worker_pid()
+        wait_until(lambda: len(committed_steps(run)) >= 3)
+        os.kill(pid, signal.SIGKILL)  # restart: the daemon verifies the latest and remembers it
+        pid = daemon.worker_pid(other_than=pid)
+        wait_until(lambda: (daemon.status() or {}).get("resumed_from") is not None)
+        newest = daemon.status()["resumed_from"]
+        payload = run / f"ckpt-{newest:012d}" / "state.safetensors"
+        data = bytearray(payload.read_bytes())
+        data[-1] ^= 0xFF  # flip one byte, size unchanged
+        payload.write_bytes(data)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: "quarantined step" in daemon.stderr, timeout=30)
+        wait_until(lambda: (daemon.status() or {}).get("resumed_from") not in (None, newest), timeout=30)
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr
+    assert "exit code 65" in daemon.stderr and "bad-checkpoint" in daemon.stderr
+    assert "checksum mismatch" in daemon.stderr
+    assert [p.name.split(".")[0] for p in (run / ".quarantine").iterdir()] == [f"ckpt-{newest:012d}"]
+    assert savegame("verify", str(run)).returncode == 0
+
+
+def test_prune_from_the_command_line_spares_what_a_running_daemon_keeps(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 5), ["--keep-last", "100"]).start()
+    try:
+        pid = daemon.worker_pid()
+        wait_until(lambda: len(committed_steps(run)) >= 3)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: (daemon.status() or {}).get("resumed_from") is not None)
+        wait_until(lambda: (daemon.status() or {}).get("protected"))
+        source = daemon.status()["resumed_from"]
+        result = savegame("prune", str(run), "--keep-last", "1", "--dry-run", "--json")
+        assert result.returncode == 0, result.stderr
+        plan = json.loads(result.stdout)
+        assert source not in [d["step"] for d in plan["delete"]]
+        kept = {k["step"]: k["why"] for k in plan["keep"]}
+        assert any("running daemon" in why for why in kept[source])
+    finally:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+
+
+def test_keep_every_keeps_a_sparse_tail(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 60, "--every", 5), ["--keep-last", "2", "--keep-every", "20"]).start()
+    assert daemon.wait(timeout=30) == 0, daemon.stderr
+    assert committed_steps(run) == [5, 20, 40, 55, 60]  # the first of each 20 steps, and the last 2

@@ -102,9 +102,13 @@ def test_ls_keeps_working(damaged_run, savegame_env):
     kind, root = damaged_run
     proc = cli(savegame_env, "ls", str(root), "--json")
     assert proc.returncode == 0, proc.stderr
+    still_committed = KINDS[kind][1]
+    committed = [r["step"] for r in json.loads(proc.stdout)]  # --json: committed checkpoints only
+    assert committed == ([100, 200, 300, 400] if still_committed else [100, 300, 400])
+    proc = cli(savegame_env, "ls", str(root), "--json", "--all")
+    assert proc.returncode == 0, proc.stderr
     rows = {r["step"]: r for r in json.loads(proc.stdout)}
     assert sorted(rows) == [100, 200, 300, 400]
-    still_committed = KINDS[kind][1]
     assert (rows[DAMAGED_STEP]["status"] == "committed") == still_committed
     if not still_committed:
         assert rows[DAMAGED_STEP]["status"] in ("damaged", "incomplete")

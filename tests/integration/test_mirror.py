@@ -98,3 +98,29 @@ def test_credentials_never_reach_the_log(tmp_path, s3_server):
     assert "testing" not in daemon.stderr and "testing" not in daemon.stdout
     result = savegame("ls", "s3://AKIA:SECRETSECRET@bucket/run")
     assert result.returncode == 78 and "SECRETSECRET" not in result.stderr
+
+
+def test_a_checkpoint_that_no_event_announced_still_reaches_the_bucket(tmp_path, s3_server):
+    """The folder watcher is the backstop for lost worker events: a checkpoint committed by a
+    process that sends none is mirrored while the run goes on."""
+    url = f"s3://{s3_server.make_bucket()}/run"
+    worker = ["-c", "import os, time\nfrom savegame.storage import CheckpointStore\n"
+                    "staged = CheckpointStore(os.environ['SAVEGAME_DIR']).begin(7)\n"
+                    "staged.write_bytes('payload.bin', b'x' * 1000)\nstaged.commit()\ntime.sleep(60)\n"]
+    daemon = Daemon(tmp_path / "run", worker, ["--mirror", url], env=s3_server.env).start()
+    try:
+        wait_until(lambda: bucket_steps(url, s3_server.env) == [7], timeout=30, interval=0.5)
+    finally:
+        daemon.signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def test_falling_back_does_not_fetch_the_suspect_checkpoint_again(tmp_path, s3_server):
+    url = f"s3://{s3_server.make_bucket()}/run"
+    daemon = Daemon(tmp_path / "run", counter("--steps", 50, "--every", 5, "--sleep", 0.01, "--crash-at", 12),
+                    ["--max-restarts", "10", "--mirror", url], env=s3_server.env).start()
+    assert daemon.wait(timeout=60) == 1
+    err = daemon.stderr
+    assert "quarantined step 10" in err
+    after = err.split("quarantined step 10")[1]
+    assert "resuming from step 5" in after and "fetching step 10" not in after

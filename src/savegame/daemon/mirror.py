@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional, TypeVar
 
-from savegame.errors import CheckpointExists, CorruptCheckpoint, SavegameError, StorageError
+from savegame.errors import CheckpointExists, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.strategies import plan_retention
 from savegame.strategies.retention import RetentionPolicy
@@ -28,7 +28,7 @@ class Mirror:
                  monitor: Optional[tuple[str, str]], wake: Callable[[], None], stale_after_s: float,
                  op_timeout_s: float = 600.0) -> None:
         self._op_timeout_s = op_timeout_s
-        self._abandoned: list[threading.Thread] = []
+        self._abandoned: list[tuple[Optional[int], threading.Thread]] = []  # (step it writes, thread)
         self.local = local
         self.remote = remote
         self._policy = policy
@@ -40,7 +40,7 @@ class Mirror:
         self._requested = True
         self._closing = False
         self._remote_infos: Optional[dict[int, CheckpointInfo]] = None
-        self._skip: set[int] = set()  # damaged locally: never uploaded
+        self._skip: set[int] = set()  # steps the mirror cannot take: damaged here, or different there
         self.pending: list[int] = []
         self.declined: set[int] = set()  # local steps the remote policy does not want
         self._pruned: set[int] = set()  # steps the remote had and let go
@@ -67,17 +67,9 @@ class Mirror:
                 self._urgent = urgent_step
             self._cond.notify()
 
-    def confirmed_steps(self) -> set[int]:
-        with self._cond:
-            return set(self._remote_infos or {})
-
     def remote_listing(self) -> list[CheckpointInfo]:
         with self._cond:
             return sorted((self._remote_infos or {}).values(), key=lambda c: c.step)
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._requested and not self._busy and not self.pending
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until nothing is left to upload (or the timeout passes); True if all is mirrored."""
@@ -110,7 +102,7 @@ class Mirror:
             try:
                 self._sync()
                 self.last_error, retry_s = None, RETRY_INITIAL_S
-            except SavegameError as exc:
+            except Exception as exc:  # noqa: BLE001 - the mirror thread must never die quietly
                 self.last_error = str(exc)
                 with self._cond:
                     self._remote_infos = None  # an abandoned operation may still land: list again
@@ -130,9 +122,12 @@ class Mirror:
 
     def _sync(self) -> None:
         if self._abandoned:  # operations given up on may have landed since: trust only a fresh listing
-            self._abandoned = [t for t in self._abandoned if t.is_alive()]
+            self._abandoned = [(step, t) for step, t in self._abandoned if t.is_alive()]
             with self._cond:
                 self._remote_infos = None
+        # An abandoned upload still running must finish (or fail) alone: a second upload of the same
+        # step could delete its files while it commits them.
+        busy = {step for step, _ in self._abandoned}
         if self._remote_infos is None:
             infos = {c.step: c for c in self._timed(self.remote.list, "listing")}
             with self._cond:
@@ -143,7 +138,7 @@ class Mirror:
         with self._cond:
             urgent, self._urgent = self._urgent, None
             remote = self._remote_infos or {}
-            missing = sorted((s for s in local if s not in remote and s in wanted),
+            missing = sorted((s for s in local if s not in remote and s in wanted and s not in busy),
                              key=lambda s: (s != urgent, -s))
             self.declined = {s for s in local if s not in remote and s not in wanted}
             self.pending = missing
@@ -163,9 +158,9 @@ class Mirror:
     def unprotected_steps(self) -> set[int]:
         """Local steps the local tier may delete: the remote holds them, or does not want them."""
         with self._cond:
-            return set(self._remote_infos or {}) | self.declined | self._pruned
+            return set(self._remote_infos or {}) | self.declined | self._pruned | self._skip
 
-    def _timed(self, operation: Callable[[], T], what: str) -> T:
+    def _timed(self, operation: Callable[[], T], what: str, step: Optional[int] = None) -> T:
         """Run one remote operation with a deadline. Client timeouts do not cover every stall (a server
         that accepts connections but never answers), so the operation runs in a helper thread; one
         that overruns is abandoned (it finishes or fails on its own) and the sync is retried later."""
@@ -181,7 +176,7 @@ class Mirror:
         helper.start()
         helper.join(self._op_timeout_s)
         if helper.is_alive():
-            self._abandoned.append(helper)
+            self._abandoned.append((step, helper))
             raise StorageError(f"{self.remote.url}: {what} took longer than {self._op_timeout_s:g}s")
         if "error" in outcome:
             raise outcome["error"]
@@ -190,18 +185,37 @@ class Mirror:
     def _upload(self, info: CheckpointInfo) -> None:
         started = time.monotonic()
         try:
-            copied = self._timed(lambda: copy_checkpoint(self.local, info, self.remote), f"uploading step {info.step}")
-        except CheckpointExists:
-            copied = self._timed(lambda: self.remote.get(info.step), "listing")  # an earlier attempt committed it
+            copied = self._timed(lambda: copy_checkpoint(self.local, info, self.remote), f"uploading step {info.step}",
+                                 step=info.step)
+        except CheckpointExists:  # an earlier attempt committed it, or the step holds something else
+            copied = self._same_on_remote(info)
+            if copied is None:
+                return
         except CorruptCheckpoint as exc:
-            log.error("not mirroring step %d: %s", info.step, exc)
+            log.error("not mirroring step %d, it is damaged: %s", info.step, exc)
             self._skip.add(info.step)
+            try:
+                self.local.quarantine(info.step, f"damaged, found while mirroring: {exc}")
+            except StorageError as error:
+                log.error("cannot quarantine step %d: %s", info.step, error)
             return
         with self._cond:
             assert self._remote_infos is not None
             self._remote_infos[info.step] = copied
         self.last_upload = (info.step, time.time())
         log.info("mirrored step %d to %s in %.1fs", info.step, self.remote.url, time.monotonic() - started)
+
+    def _same_on_remote(self, info: CheckpointInfo) -> Optional[CheckpointInfo]:
+        """The remote checkpoint at this step if it is this very checkpoint, else None (and never again)."""
+        remote = {c.step: c for c in self._timed(self.remote.list, "listing")}.get(info.step)
+        if remote is not None and (remote.manifest.created, remote.manifest.files) == \
+                (info.manifest.created, info.manifest.files):
+            return remote
+        why = "is quarantined" if remote is None else "holds a different checkpoint (another timeline)"
+        log.error("not mirroring step %d: the bucket's step %d %s; local retention decides on it alone",
+                  info.step, info.step, why)
+        self._skip.add(info.step)
+        return None
 
     def _prune_remote(self) -> None:
         listing = self.remote_listing()

@@ -36,6 +36,9 @@ class WorkerProcess:
             raise ConfigError(f"command not found: {command[0]!r}; check the command after --") from None
         except PermissionError:
             raise ConfigError(f"command not executable: {command[0]!r}") from None
+        except OSError as exc:  # e.g. a script without a #! line (ENOEXEC)
+            raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}; run it through its "
+                              "interpreter (python train.py) or give it a #! line") from None
         self.pid = self._popen.pid
         self.pgid = self.pid  # process_group=0 makes the worker its group's leader
 

@@ -5,10 +5,14 @@ One datagram per message to $NOTIFY_SOCKET (`@name` is an abstract socket). With
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Mapping, Optional
+import threading
+from typing import Iterator, Mapping, Optional
 
 from savegame.protocol import DatagramSender
+
+BUSY_PING_S = 5.0
 
 
 class Notifier:
@@ -38,6 +42,30 @@ class Notifier:
 
     def extend_timeout(self, seconds: float) -> None:
         self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+    @contextlib.contextmanager
+    def busy(self, what: str) -> Iterator[None]:
+        """A long, bounded operation on the main loop (a download, the final upload): keep systemd's
+        watchdog and start/stop timeouts fed from a helper thread meanwhile, saying what it is."""
+        if not self.enabled:
+            yield
+            return
+        self.status(what)
+        done = threading.Event()
+        interval = min(self.watchdog_interval_s or BUSY_PING_S, BUSY_PING_S)
+
+        def ping() -> None:
+            while not done.wait(interval):
+                self.watchdog()
+                self.extend_timeout(interval * 3)
+
+        helper = threading.Thread(target=ping, name="savegame-sd-busy", daemon=True)
+        helper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            helper.join()
 
 
 def _watchdog_interval(env: Mapping[str, str]) -> Optional[float]:

@@ -7,6 +7,7 @@ time.monotonic().
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import os
 import selectors
@@ -19,7 +20,7 @@ from savegame import protocol
 from savegame.protocol import ProgressCell
 from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
 from savegame.daemon import machine as m
-from savegame.daemon.events import EventInbox
+from savegame.daemon.events import EventInbox, number
 from savegame.daemon.mirror import Mirror
 from savegame.daemon.preemption import PreemptionWatcher, notice_source
 from savegame.daemon.process import WorkerProcess, worker_env
@@ -45,6 +46,7 @@ class Supervisor:
         self.config = config
         self.local = _local_store(config["dir"] or "./checkpoints")
         self.run_dir = self.local.location.path
+        self._lock_fd = _lock_run_dir(self.run_dir)
         self.remote = _remote_store(config) if config["mirror"] else None
         self.run_id = _run_id(self.run_dir)
         self.policy = config.restart_policy()
@@ -55,7 +57,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.mirror = (Mirror(self.local, self.remote, config.retention("mirror"), config.monitor, self.wake,
                               config["stale_after"], config["upload_timeout"]) if self.remote else None)
-        self.watcher = FolderWatcher(self.run_dir, self.wake)
+        self.watcher = FolderWatcher(self.run_dir, self._folder_changed)
         self.preemption = (PreemptionWatcher(notice_source(config["preemption"]), config["preemption_interval"],
                                              self._on_preemption_notice) if config["preemption"] else None)
         self.notices: collections.deque[str] = collections.deque()
@@ -77,6 +79,9 @@ class Supervisor:
         self._exit_reported = False
         self.progress: Optional[ProgressCell] = None
         self._fresh_start_steps: set[int] = set()  # with resume=none: old checkpoints a restart must not use
+        self._set_aside: set[int] = set()  # quarantined here as suspect: not to be fetched from the mirror
+        self._status_error_logged = False
+        self._protected: dict[int, str] = {}  # what local retention keeps for now (resume source, unmirrored)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -84,18 +89,8 @@ class Supervisor:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ)
         selector.register(self.inbox.fileno(), selectors.EVENT_READ)
-        self._install_signals()
-        self._write_status("starting")
-        self.settings_path = write_worker_settings(self.run_dir, explicit_for_worker(self.config))
-        self._collect_garbage()
-        self.watcher.start()
-        if self.mirror:
-            self.mirror.start()
-        if self.preemption:
-            self.preemption.start()
-        log.info("run %s in %s%s", self.run_id, self.run_dir, f", mirrored to {self.remote.url}" if self.remote else "")
-        self._perform(m.StartWorker(fallback=False))
         try:
+            self._start_up()
             while True:
                 self._tick()
                 if self.exit_code is not None:
@@ -105,6 +100,22 @@ class Supervisor:
         finally:
             self._shutdown(selector)
         return self.exit_code
+
+    def _start_up(self) -> None:
+        self._install_signals()
+        self._write_status("starting")
+        self.settings_path = write_worker_settings(self.run_dir, explicit_for_worker(self.config))
+        self._collect_garbage()
+        try:
+            self.watcher.start()
+        except OSError as exc:  # e.g. the inotify watch limit: worker events still arrive
+            log.warning("cannot watch %s (%s); relying on the worker's events", self.run_dir, exc)
+        if self.mirror:
+            self.mirror.start()
+        if self.preemption:
+            self.preemption.start()
+        log.info("run %s in %s%s", self.run_id, self.run_dir, f", mirrored to {self.remote.url}" if self.remote else "")
+        self._perform(m.StartWorker(fallback=False))
 
     def _tick(self) -> None:
         self._take_signals()
@@ -132,6 +143,12 @@ class Supervisor:
         except BlockingIOError:
             pass
         self._dirty = True
+
+    def _folder_changed(self) -> None:
+        """A checkpoint folder appeared (the backstop for lost events): retention and mirror look again."""
+        if self.mirror:
+            self.mirror.request_sync()
+        self.wake()
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -163,9 +180,7 @@ class Supervisor:
                 self.events.append(m.CheckpointRequested())
 
     def _take_worker_events(self) -> None:
-        for event in self.inbox.drain():
-            if self.worker is None or event.get("pid") != self.worker.pid:
-                continue  # a late datagram from an earlier worker
+        for event in self.inbox.drain(self.worker.pid if self.worker else None):
             self.last_event_mono = time.monotonic()
             kind = event["event"]
             if kind in ("heartbeat", "started", "resumed", "saving", "stopping", "finished"):
@@ -199,7 +214,7 @@ class Supervisor:
         self._dirty = True
 
     def _note_heartbeat(self, event: Mapping[str, Any]) -> None:
-        now, step = time.time(), int(event.get("step") or 0)
+        now, step = time.time(), int(number(event, "step") or 0)
         previous = self.heartbeat
         rate = previous.get("steps_per_s") or 0.0
         if previous.get("time") and step > previous.get("step", 0) and now > previous["time"]:
@@ -210,8 +225,9 @@ class Supervisor:
     def _note_commit(self, event: Mapping[str, Any]) -> None:
         self.last_checkpoint = {k: event.get(k) for k in ("step", "epoch", "reason", "path", "bytes", "metrics")}
         self.last_checkpoint["time"] = time.time()
-        if event.get("reason") == "emergency":
-            self._emergency_step = int(event["step"])
+        step = number(event, "step")
+        if event.get("reason") == "emergency" and step is not None:
+            self._emergency_step = int(step)
         self._dirty = True
         if self.mirror:
             self.mirror.request_sync(self._emergency_step)
@@ -291,6 +307,7 @@ class Supervisor:
             why = ("the worker could not load it" if self.machine.failures[-1].cause == "bad-checkpoint"
                    else "the worker kept failing after resuming from it")
             self.chooser.quarantine(self.resume_point.info.step, why)
+            self._set_aside.add(self.resume_point.info.step)  # not fetched again from the mirror either
         elif isinstance(action, m.Finish):
             self._finish(action.exit_code)
 
@@ -304,7 +321,8 @@ class Supervisor:
             self.resume_point = None
         else:  # a restart always continues this run, whatever the first start did
             choice = "latest" if self.config["resume"] == "none" else self.config["resume"]
-            self.resume_point = self.chooser.choose(choice, exclude=self._fresh_start_steps)
+            with self.notifier.busy("choosing and verifying the checkpoint to resume from"):
+                self.resume_point = self.chooser.choose(choice, exclude=self._fresh_start_steps | self._set_aside)
         self._log_resume(fallback)
         self.attempt += 1
         progress_path = os.path.join(self.run_dir, STATUS_DIR, "progress")
@@ -342,7 +360,9 @@ class Supervisor:
             deadline = self.config["mirror_deadline"]
             self.notifier.extend_timeout(deadline + 5)
             self.mirror.request_sync(self._emergency_step)
-            if self.mirror.flush(deadline):
+            with self.notifier.busy("waiting for the mirror to catch up"):
+                flushed = self.mirror.flush(deadline)
+            if flushed:
                 log.info("the mirror holds every checkpoint it should")
                 self._prune_local()  # what waited for the mirror's confirmation can go now
             else:
@@ -367,7 +387,7 @@ class Supervisor:
         resume = self.resume_point.info.step if self.resume_point else None
         deletable = self.mirror.unprotected_steps() if self.mirror else None
         try:
-            prune_local(self.local, self.config, resume, deletable)
+            self._protected = prune_local(self.local, self.config, resume, deletable)
         except StorageError as exc:
             log.warning("retention skipped: %s", exc)
 
@@ -381,12 +401,20 @@ class Supervisor:
             lag = max(0.0, (self.last_checkpoint.get("time") or 0) - last[1]) if last else None
             mirror = {"url": self.remote.url, "pending": len(self.mirror.pending), "error": self.mirror.last_error,
                       "confirmed_step": last[0] if last else None, "lag_s": lag}
-        write_status(self.run_dir, {
+        status = {
             "state": self.machine.state.value, "reason": getattr(self, "_reason", ""), "daemon_pid": os.getpid(),
             "worker_pid": self.worker.pid if self.worker else None, "attempt": self.attempt, "run_id": self.run_id,
             "restarts": dict(self.restarts), "resumed_from": self.resume_point.info.step if self.resume_point else None,
             "last_checkpoint": self.last_checkpoint, "heartbeat": self.heartbeat, "mirror": mirror,
-            "policy": explicit_for_worker(self.config)})
+            "policy": explicit_for_worker(self.config),
+            "protected": {str(step): why for step, why in self._protected.items()}}
+        try:
+            write_status(self.run_dir, status)
+            self._status_error_logged = False
+        except OSError as exc:  # a full disk must not take the supervisor down
+            if not self._status_error_logged:
+                log.warning("cannot write the status file: %s", exc)
+                self._status_error_logged = True
 
     def _shutdown(self, selector: selectors.BaseSelector) -> None:
         if self.worker is not None and self.worker.poll() is None:
@@ -425,6 +453,21 @@ def _remote_store(config: RunConfig) -> CheckpointStore:
     if not reachable:
         raise ConfigError(f"the mirror {remote.url} does not exist: create the bucket first")
     return remote
+
+
+def _lock_run_dir(run_dir: str) -> int:
+    """One daemon per run folder: two would fight over the worker, retention and the mirror."""
+    fd = os.open(os.path.join(run_dir, STATUS_DIR, "daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"another `savegame run` (pid {holder}) already supervises {run_dir}; "
+                          "stop it first, or use another --dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd  # held until the process exits
 
 
 def _run_id(run_dir: str) -> str:

@@ -14,9 +14,9 @@ log = logging.getLogger("savegame")
 
 
 def prune_local(local: CheckpointStore, config: RunConfig, resume_step: Optional[int],
-                deletable_by_mirror: Optional[set[int]]) -> list[int]:
+                deletable_by_mirror: Optional[set[int]]) -> dict[int, str]:
     """Delete local checkpoints the policy does not keep. Never the resume source, and, with a
-    mirror, never one the mirror has not confirmed (or declined). Returns the deleted steps."""
+    mirror, never one the mirror has not confirmed (or declined). Returns what it protected."""
     checkpoints = local.list()
     protected = {}
     if resume_step is not None:
@@ -34,4 +34,4 @@ def prune_local(local: CheckpointStore, config: RunConfig, resume_step: Optional
             log.warning("retention: cannot delete step %d: %s", step, exc)
     if deleted:
         log.info("retention (%s): deleted local steps %s", config.regime, deleted)
-    return deleted
+    return protected

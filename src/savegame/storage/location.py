@@ -56,6 +56,9 @@ def parse_location(url: str, storage_options: Mapping[str, Any] | None = None) -
         raise ConfigError("the checkpoint location is empty; give a folder or a URL like s3://bucket/run")
     url = url.strip()
     protocol, rest = split_protocol(url)
+    typo = re.match(r"^([a-z][a-z0-9+.-]*):/?(?!/)", url)
+    if not protocol and typo and typo.group(1) in PACKAGE_FOR_PROTOCOL:
+        raise ConfigError(f"{redact(url)!r} looks like a URL with a slash missing: write {typo.group(1)}://...")
     if protocol in LOCAL_PROTOCOLS:
         path = os.path.abspath(os.path.expanduser(rest))
         return Location(url=redact(url), protocol="", path=path, storage_options={})

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, NoReturn, Optional
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
-from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, SavegameError, StorageError
+from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
@@ -47,8 +48,11 @@ class Checkpointer:
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
                  handle_signals: bool = True, initial_best: Optional[float] = None) -> None:
         self.supervised = bool(os.environ.get(protocol.ENV_EVENTS))
-        self.dir = self._choose_dir(dir)
-        self.config = self._load_config(locals())
+        try:
+            self.dir = self._choose_dir(dir)
+            self.config = self._load_config(locals())
+        except ConfigError as exc:
+            _exit_config(exc)
         self.store = CheckpointStore(self.dir)
         self.run_id = os.environ.get(protocol.ENV_RUN_ID) or uuid.uuid4().hex[:12]
         self.progress = Progress()
@@ -81,8 +85,9 @@ class Checkpointer:
     def _choose_dir(self, given: Optional[str]) -> str:
         env_dir = os.environ.get(protocol.ENV_DIR)
         if given and env_dir and os.path.abspath(given) != os.path.abspath(env_dir):
-            log.warning("saving to %s, but the daemon watches %s: pass --dir %s or leave it unset",
-                        given, env_dir, env_dir)
+            raise ConfigError(f"the script saves to {given}, but `savegame run` watches {env_dir}: "
+                              f"leave the script's folder unset (it defaults to $SAVEGAME_DIR) or run "
+                              f"`savegame run --dir {given}`")
         return given or env_dir or "./checkpoints"
 
     def _load_config(self, args: Mapping[str, Any]) -> RunConfig:
@@ -103,7 +108,10 @@ class Checkpointer:
     def track(self, **objects: Any) -> "Checkpointer":
         """Register what to save: model=, optimizer=, scheduler=, scaler=, sampler=, ... (any names)."""
         if self._adapter is None:
-            self._adapter = _make_adapter(self._framework, objects)
+            try:
+                self._adapter = _make_adapter(self._framework, objects)
+            except ConfigError as exc:
+                _exit_config(exc)
             bind = getattr(self._adapter, "bind", None)
             if bind is not None:
                 bind(self)  # adapters that save the step counter read self.progress at capture time
@@ -121,7 +129,9 @@ class Checkpointer:
         for store, info in self._resume_candidates():
             try:
                 self._load(store, info)
-            except (CorruptCheckpoint, SavegameError, ValueError) as exc:
+            except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
+                _exit_config(exc)
+            except (CorruptCheckpoint, ValueError) as exc:  # ValueError: malformed contents
                 if self.supervised:
                     log.error("cannot resume from %s: %s", info.path, exc)
                     self._events.send("bad-checkpoint", step=info.step, problem=str(exc))
@@ -260,12 +270,12 @@ class Checkpointer:
         could change anything (emergency, final), so adapters may write straight from live memory."""
         step = self.progress.step
         if step == self._writer.inflight_step:
-            self._wait_for_writer()  # the same state is being written: wait, and retry only if it failed
+            self._writer.wait()  # the same state is being written: wait, and retry only if it failed
         if step == self._committed_step:
             return  # this exact state is already committed
         if self._adapter is None:
             raise ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first")
-        self._wait_for_writer()  # back-pressure: the buffers are free once the last save is written
+        self._writer.wait()  # back-pressure: the buffers are free once the last save is written
         if self._failed_saves >= MAX_FAILED_SAVES:
             raise StorageError(f"{self._failed_saves} checkpoints in a row failed to save (see the log); "
                                "stopping rather than training on without a way back")
@@ -275,9 +285,6 @@ class Checkpointer:
                                     self.framework, self.run_id, self.resumed_from))
         if capture.fill is not None:
             capture.fill()  # the copy, while the writer already writes what is copied
-
-    def _wait_for_writer(self) -> None:
-        self._writer.wait()
 
     def _core_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "progress": self.progress.to_json(), "rng": rng_state(),
@@ -350,6 +357,12 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _exit_config(exc: ConfigError) -> NoReturn:
+    """A mistake in the script or its settings: say so and exit 78 (the daemon does not retry it)."""
+    print(f"savegame: configuration error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(protocol.EXIT_CONFIG)
 
 
 def _no_tensors(name: str) -> Any:
