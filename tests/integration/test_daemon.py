@@ -178,14 +178,14 @@ def test_a_preemption_notice_stops_the_run_with_an_emergency_checkpoint(tmp_path
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     config = tmp_path / "savegame.toml"
-    config.write_text(f'preemption = "http://127.0.0.1:{server.server_port}/preempted"\npreemption_interval = 0.1\n'
+    config.write_text(f'preemption = "http://127.0.0.1:{server.server_port}/preempted"\npreemption_interval = 0.5\n'
                       "[keep]\nlast = 100\n")
     run = tmp_path / "run"
     try:
         daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 1000),
                         ["--config", str(config)]).start()
         daemon.worker_pid()
-        time.sleep(0.5)
+        time.sleep(1.2)
         assert daemon.proc.poll() is None  # "FALSE": no notice yet
         Metadata.preempted = True
         assert daemon.wait(timeout=15) == 0, daemon.stderr

@@ -17,7 +17,7 @@ import pytest
 
 from savegame.errors import CheckpointExists, CheckpointNotFound, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointStore, copy_checkpoint
-from savegame.storage import backends as backends_module
+from savegame.storage import local as local_backend_module
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ class Backend:
                 seen.append(str(file))
                 return real_open(file, *args, **kwargs)
 
-            monkeypatch.setattr(backends_module, "open", spy_open, raising=False)
+            monkeypatch.setattr(local_backend_module, "open", spy_open, raising=False)
             return seen
         fs = store._backend.fs
         for name in ("open", "cat", "cat_file", "_cat_file", "cat_ranges", "_cat_ranges", "get_file"):
@@ -90,7 +90,7 @@ class Backend:
             raise OSError(5, "simulated failure while removing the payload")
 
         if self.kind == "local":
-            monkeypatch.setattr(backends_module.shutil, "rmtree", boom)
+            monkeypatch.setattr(local_backend_module.shutil, "rmtree", boom)
         else:
             monkeypatch.setattr(store._backend.fs, "rm", boom)
 

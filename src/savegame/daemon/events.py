@@ -55,3 +55,13 @@ def number(event: Mapping[str, Any], key: str) -> Optional[float]:
     """A numeric field of an event, or None when it is missing or not a number."""
     value = event.get(key)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def next_heartbeat(previous: Mapping[str, Any], event: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """The worker's latest step, and a smoothed steps/s from the heartbeats so far."""
+    step = int(number(event, "step") or 0)
+    rate = previous.get("steps_per_s") or 0.0
+    if previous.get("time") and step > previous.get("step", 0) and now > previous["time"]:
+        current = (step - previous["step"]) / (now - previous["time"])
+        rate = current if not rate else 0.7 * rate + 0.3 * current
+    return {"step": step, "epoch": event.get("epoch"), "time": now, "steps_per_s": rate}

@@ -66,9 +66,9 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
         f"state:           {state}  ({status.get('reason', '')})",
         f"worker:          pid {status.get('worker_pid') or '-'}, attempt {status.get('attempt', 0)}",
         f"restarts:        {', '.join(f'{k} {v}' for k, v in sorted(restarts.items())) or 'none'}",
-        f"last checkpoint: " + (f"step {ckpt.get('step')} ({ckpt.get('reason')}), {_age(ckpt.get('time'), now)}"
+        "last checkpoint: " + (f"step {ckpt.get('step')} ({ckpt.get('reason')}), {_age(ckpt.get('time'), now)}"
                                 if ckpt else "none yet"),
-        f"last heartbeat:  " + (f"step {beat.get('step')}, {beat.get('steps_per_s') or 0:.2f} steps/s, "
+        "last heartbeat:  " + (f"step {beat.get('step')}, {beat.get('steps_per_s') or 0:.2f} steps/s, "
                                 f"{_age(beat.get('time'), now)}" if beat else "none yet"),
     ]
     if mirror:

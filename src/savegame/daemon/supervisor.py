@@ -7,30 +7,28 @@ time.monotonic().
 from __future__ import annotations
 
 import collections
-import fcntl
 import logging
 import os
 import selectors
 import signal
 import time
-import uuid
 from typing import Any, Mapping, Optional
 
 from savegame import protocol
 from savegame.protocol import ProgressCell
 from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
 from savegame.daemon import machine as m
-from savegame.daemon.events import EventInbox, number
+from savegame.daemon.events import EventInbox, next_heartbeat, number
 from savegame.daemon.mirror import Mirror
 from savegame.daemon.preemption import PreemptionWatcher, notice_source
 from savegame.daemon.process import WorkerProcess, worker_env
 from savegame.daemon.resume import ResumeChooser, ResumePoint
+from savegame.daemon.rundir import lock_run_folder, open_mirror, open_run_folder, run_id_of
 from savegame.daemon.sdnotify import Notifier
 from savegame.daemon.status import STATUS_DIR, write_status, write_worker_settings
 from savegame.daemon.tiers import prune_local
 from savegame.daemon.watcher import FolderWatcher
 from savegame.errors import ConfigError, StorageError
-from savegame.storage import CheckpointStore
 
 log = logging.getLogger("savegame")
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
@@ -44,11 +42,11 @@ def run_supervised(config: RunConfig) -> int:
 class Supervisor:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.local = _local_store(config["dir"] or "./checkpoints")
+        self.local = open_run_folder(config["dir"] or "./checkpoints")
         self.run_dir = self.local.location.path
-        self._lock_fd = _lock_run_dir(self.run_dir)
-        self.remote = _remote_store(config) if config["mirror"] else None
-        self.run_id = _run_id(self.run_dir)
+        self._lock_fd = lock_run_folder(self.run_dir)
+        self.remote = open_mirror(config) if config["mirror"] else None
+        self.run_id = run_id_of(self.run_dir)
         self.policy = config.restart_policy()
         self.machine = m.Machine(grace_s=config["grace"])
         self.chooser = ResumeChooser(self.local, self.remote, config.monitor)
@@ -184,7 +182,7 @@ class Supervisor:
             self.last_event_mono = time.monotonic()
             kind = event["event"]
             if kind in ("heartbeat", "started", "resumed", "saving", "stopping", "finished"):
-                self._note_heartbeat(event)
+                self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
             if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
                 self._adopt_worker_policy(event["policy"])
             if kind == "committed":
@@ -212,15 +210,6 @@ class Supervisor:
         if config.monitor:
             log.info("retention follows the worker's settings: monitor %s (%s)", *config.monitor)
         self._dirty = True
-
-    def _note_heartbeat(self, event: Mapping[str, Any]) -> None:
-        now, step = time.time(), int(number(event, "step") or 0)
-        previous = self.heartbeat
-        rate = previous.get("steps_per_s") or 0.0
-        if previous.get("time") and step > previous.get("step", 0) and now > previous["time"]:
-            current = (step - previous["step"]) / (now - previous["time"])
-            rate = current if not rate else 0.7 * rate + 0.3 * current
-        self.heartbeat = {"step": step, "epoch": event.get("epoch"), "time": now, "steps_per_s": rate}
 
     def _note_commit(self, event: Mapping[str, Any]) -> None:
         self.last_checkpoint = {k: event.get(k) for k in ("step", "epoch", "reason", "path", "bytes", "metrics")}
@@ -428,56 +417,3 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         selector.close()
         self.inbox.close()
-
-
-def _local_store(path: str) -> CheckpointStore:
-    store = CheckpointStore(path)
-    if not store.is_local:
-        raise ConfigError(f"--dir must be a local folder, not {store.url}; use --mirror for object storage")
-    try:
-        os.makedirs(os.path.join(store.location.path, STATUS_DIR), exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the run folder {store.location.path}: {exc.strerror}") from None
-    return store
-
-
-def _remote_store(config: RunConfig) -> CheckpointStore:
-    remote = CheckpointStore(config["mirror"], config["storage"])
-    if remote.is_local:
-        return remote  # a second local folder (another disk) is a fine mirror too
-    try:
-        reachable = remote.exists()
-    except StorageError as exc:
-        log.warning("the mirror %s is not reachable now (%s); uploads will retry", remote.url, exc)
-        return remote
-    if not reachable:
-        raise ConfigError(f"the mirror {remote.url} does not exist: create the bucket first")
-    return remote
-
-
-def _lock_run_dir(run_dir: str) -> int:
-    """One daemon per run folder: two would fight over the worker, retention and the mirror."""
-    fd = os.open(os.path.join(run_dir, STATUS_DIR, "daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ConfigError(f"another `savegame run` (pid {holder}) already supervises {run_dir}; "
-                          "stop it first, or use another --dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd  # held until the process exits
-
-
-def _run_id(run_dir: str) -> str:
-    """One id per run folder, kept across daemon restarts (a reboot continues the same run)."""
-    path = os.path.join(run_dir, STATUS_DIR, "run_id")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        run_id = uuid.uuid4().hex[:12]
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(run_id)
-        return run_id

@@ -1,0 +1,190 @@
+"""Object storage through fsspec: payload under the final prefix, manifest.json last and create-only."""
+from __future__ import annotations
+
+import errno
+import time
+from typing import Any, BinaryIO, Iterator
+
+from savegame.errors import CheckpointExists
+from savegame.storage.backends import QUARANTINE_NAME, FolderEntry, Sink, Staging, StagingEntry
+from savegame.storage.location import Location, open_filesystem
+from savegame.storage.manifest import MANIFEST_NAME, step_of_folder
+
+
+class _ObjectSink:
+    def __init__(self, fs: Any, path: str) -> None:
+        self._file = fs.open(path, "wb", block_size=64 << 20)
+
+    def write(self, data: bytes | memoryview) -> int:
+        return self._file.write(memoryview(data).cast("B"))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _ObjectStaging:
+    def __init__(self, backend: "ObjectBackend", name: str) -> None:
+        self._backend = backend
+        self._name = name
+        self._written: list[str] = []
+
+    def open(self, relpath: str) -> Sink:
+        path = self._backend.full(f"{self._name}/{relpath}")
+        self._written.append(path)
+        return _ObjectSink(self._backend.fs, path)
+
+    def commit(self, manifest: bytes) -> None:
+        self._backend.put_create_only(f"{self._name}/{MANIFEST_NAME}", manifest)
+
+    def abort(self) -> None:
+        # Staging is the final prefix here: if another writer committed this step meanwhile,
+        # these paths hold its payload now, and removing them would break a committed checkpoint.
+        manifest = self._backend.full(f"{self._name}/{MANIFEST_NAME}")
+        self._backend.fs.invalidate_cache(manifest)
+        if self._backend.fs.exists(manifest):
+            return
+        for path in self._written:
+            try:
+                self._backend.fs.rm_file(path)
+            except (FileNotFoundError, OSError):
+                pass
+
+
+class ObjectBackend:
+    """A run root on an object store through fsspec (s3://, gs://, memory://, ...)."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.fs = open_filesystem(location)
+        self.root = self.fs._strip_protocol(f"{location.protocol}://{location.path}").rstrip("/")
+
+    def full(self, relpath: str) -> str:
+        return f"{self.root}/{relpath}"
+
+    def ensure_root(self) -> None:
+        """Object stores have no folders to create."""
+
+    def root_exists(self) -> bool:
+        """Whether the bucket exists; other errors (credentials, options, network) propagate."""
+        bucket = self.root.split("/", 1)[0] or self.root
+        self.fs.invalidate_cache(bucket)
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _forget(self, path: str) -> None:
+        """Drop the cached listings of `path` and of everything below it.
+
+        invalidate_cache(path) keeps the listings below `path` (s3fs), and find() never replaces a
+        cached listing: a folder listed once before another process committed it would then look
+        torn (manifest listed, yet "not found") for as long as this filesystem object lives.
+        """
+        self.fs.invalidate_cache(path)
+        cache = getattr(self.fs, "dircache", None)
+        prefix = path.rstrip("/") + "/"
+        for key in [k for k in list(cache or ()) if k.startswith(prefix)]:
+            cache.pop(key, None)
+
+    def _walk_files(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        self._forget(self.root)
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return
+        prefix = self.root.rstrip("/") + "/"
+        for path, info in found.items():
+            if path.startswith(prefix) and info.get("type", "file") == "file":
+                yield path[len(prefix):], info
+
+    def scan(self) -> list[FolderEntry]:
+        folders: dict[str, dict[str, Any]] = {}
+        for rel, info in self._walk_files():
+            name, _, inner = rel.partition("/")
+            if not inner or step_of_folder(name) is None:
+                continue
+            seen = folders.setdefault(name, {"files": set(), "modified": 0.0})
+            seen["files"].add(inner)
+            seen["modified"] = max(seen["modified"], _info_mtime(info))
+        wanted = [self.full(f"{n}/{MANIFEST_NAME}") for n, s in folders.items() if MANIFEST_NAME in s["files"]]
+        contents = self.fs.cat(wanted, on_error="return") if wanted else {}
+        if len(wanted) == 1 and not isinstance(contents, dict):
+            contents = {wanted[0]: contents}
+        entries = []
+        for name, seen in folders.items():
+            raw = contents.get(self.full(f"{name}/{MANIFEST_NAME}"))
+            error = None
+            if raw is None:
+                error = "no manifest.json"
+            elif isinstance(raw, BaseException):
+                error, raw = f"manifest.json unreadable ({raw})", None
+            modified = seen["modified"] if raw is None else None
+            entries.append(FolderEntry(name, step_of_folder(name) or 0, raw, error,
+                                       QUARANTINE_NAME in seen["files"], modified))
+        return entries
+
+    def file_sizes(self, folder: str) -> dict[str, int]:
+        self.fs.invalidate_cache(self.full(folder))
+        prefix = self.full(folder).rstrip("/") + "/"
+        try:
+            found = self.fs.find(self.full(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {p[len(prefix):]: int(i.get("size") or 0) for p, i in found.items() if p.startswith(prefix)}
+
+    def open_read(self, relpath: str) -> BinaryIO:
+        return self.fs.open(self.full(relpath), "rb", block_size=64 << 20, cache_type="readahead")
+
+    def stage(self, name: str) -> Staging:
+        self._forget(self.full(name))
+        if self.fs.exists(self.full(f"{name}/{MANIFEST_NAME}")):
+            raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
+        return _ObjectStaging(self, name)
+
+    def put_create_only(self, relpath: str, data: bytes) -> None:
+        """Write a small object only if it does not exist (S3 If-None-Match: *)."""
+        path = self.full(relpath)
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+            return
+        except FileExistsError:
+            raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{relpath} already exists") from None
+        except (ValueError, NotImplementedError, TypeError):
+            pass  # this backend has no exclusive create: check, then write
+        if self.fs.exists(path):
+            raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{relpath} already exists")
+        self.fs.pipe_file(path, data)
+
+    def remove_folder(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.full(f"{name}/{MANIFEST_NAME}"))
+        except FileNotFoundError:
+            pass
+        try:
+            self.fs.rm(self.full(name), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self.root)
+
+    def quarantine(self, name: str, data: bytes) -> None:
+        """Object stores cannot rename cheaply: a marker file takes the folder out of the listing."""
+        self.fs.pipe_file(self.full(f"{name}/{QUARANTINE_NAME}"), data)
+
+    def list_staging(self) -> list[StagingEntry]:
+        """Object stores stage under the final name: a folder without manifest is the leftover."""
+        return [StagingEntry(e.name, e.modified or 0.0, None)
+                for e in self.scan() if e.manifest is None and not e.quarantined]
+
+    def remove_staging(self, relpath: str) -> None:
+        self.remove_folder(relpath)
+
+
+def _info_mtime(info: dict[str, Any]) -> float:
+    value = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if value is None:
+        return time.time()
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    return float(value)
