@@ -11,27 +11,51 @@ STATUS_FILE = "status.json"
 TERMINAL_STATES = ("succeeded", "stopped", "failed")
 
 
+SETTINGS_FILE = "settings.json"
+
+
 def status_path(run_dir: str) -> str:
     return os.path.join(run_dir, STATUS_DIR, STATUS_FILE)
 
 
-def write_status(run_dir: str, status: Mapping[str, Any]) -> None:
-    """Replace the status file atomically (write a temporary file, then rename)."""
-    path = status_path(run_dir)
+def settings_path(run_dir: str) -> str:
+    return os.path.join(run_dir, STATUS_DIR, SETTINGS_FILE)
+
+
+def _write_json(path: str, data: Mapping[str, Any]) -> None:
+    """Replace a small JSON file atomically (write a temporary file, then rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**status, "updated": time.time()}, f, indent=1, default=str)
+        json.dump(dict(data), f, indent=1, default=str)
     os.replace(tmp, path)
 
 
-def read_status(run_dir: str) -> Optional[dict[str, Any]]:
+def _read_json(path: str) -> Optional[dict[str, Any]]:
     try:
-        with open(status_path(run_dir), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def write_status(run_dir: str, status: Mapping[str, Any]) -> None:
+    _write_json(status_path(run_dir), {**status, "updated": time.time()})
+
+
+def read_status(run_dir: str) -> Optional[dict[str, Any]]:
+    return _read_json(status_path(run_dir))
+
+
+def write_worker_settings(run_dir: str, settings: Mapping[str, Any]) -> str:
+    """The settings the user gave the daemon, for the worker (SAVEGAME_CONFIG) and for ls/prune."""
+    _write_json(settings_path(run_dir), settings)
+    return settings_path(run_dir)
+
+
+def read_worker_settings(run_dir: str) -> Optional[dict[str, Any]]:
+    return _read_json(settings_path(run_dir))
 
 
 def _age(then: Optional[float], now: float) -> str:
@@ -76,29 +100,3 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
                      f"step {mirror.get('confirmed_step', '-')}, lag {mirror.get('lag_s') or 0:.1f}s")
     return "\n".join(lines)
 
-
-SETTINGS_FILE = "settings.json"
-
-
-def settings_path(run_dir: str) -> str:
-    return os.path.join(run_dir, STATUS_DIR, SETTINGS_FILE)
-
-
-def write_worker_settings(run_dir: str, settings: Mapping[str, Any]) -> str:
-    """The settings the user gave the daemon, for the worker (SAVEGAME_CONFIG) and for ls/prune."""
-    path = settings_path(run_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(settings), f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
-def read_worker_settings(run_dir: str) -> Optional[dict[str, Any]]:
-    try:
-        with open(settings_path(run_dir), encoding="utf-8") as f:
-            data = json.load(f)
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -119,6 +119,11 @@ class Checkpointer:
         return self
 
     @property
+    def adapter(self) -> Optional[Adapter]:
+        """The framework adapter track() chose (None before the first track())."""
+        return self._adapter
+
+    @property
     def framework(self) -> str:
         return self._adapter.framework if self._adapter else "none"
 

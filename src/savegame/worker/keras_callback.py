@@ -68,7 +68,7 @@ class SavegameCallback(keras.callbacks.Callback):
 
     @property
     def adapter(self) -> Any:
-        return self.checkpointer._adapter  # the KerasAdapter that track() made
+        return self.checkpointer.adapter  # the KerasAdapter that track() made
 
     @property
     def progress(self) -> Any:

@@ -16,7 +16,6 @@ class StopRequests:
     def __init__(self) -> None:
         self.stop = False
         self.checkpoint = False
-        self.installed = False
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -27,7 +26,6 @@ class StopRequests:
             faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
         except (AttributeError, ValueError, OSError):  # stderr without a file descriptor
             pass
-        self.installed = True
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stop = True
