@@ -6,6 +6,8 @@ import os
 import time
 from typing import Any, Mapping, Optional
 
+from savegame.storage.local import process_alive
+
 STATUS_DIR = ".savegame"
 STATUS_FILE = "status.json"
 TERMINAL_STATES = ("succeeded", "stopped", "failed")
@@ -65,22 +67,10 @@ def _age(then: Optional[float], now: float) -> str:
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.1f}m ago"
 
 
-def _alive(pid: Optional[int]) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str:
     now = time.time() if now is None else now
     state = status.get("state", "?")
-    if state not in TERMINAL_STATES and not _alive(status.get("daemon_pid")):
+    if state not in TERMINAL_STATES and not (status.get("daemon_pid") and process_alive(status["daemon_pid"])):
         state += " (the daemon is not running)"
     ckpt = status.get("last_checkpoint") or {}
     beat = status.get("heartbeat") or {}

@@ -211,12 +211,17 @@ def _writer_alive(staging_name: str, host: str) -> bool | None:
     writer_host, pid = ".".join(parts[1:-2]), int(parts[-2])
     if writer_host != host:
         return None
+    return process_alive(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # it exists, under another user
     return True
 
 

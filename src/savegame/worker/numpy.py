@@ -5,7 +5,7 @@ lists of arrays and plain values work too (restored by `ckpt.tracked(name)`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,30 +32,30 @@ class NumpyAdapter:
         self.objects.update(objects)
 
     def capture(self) -> Capture:
-        encoder = Encoder(lambda x: isinstance(x, np.ndarray))
-        skeleton = {name: encoder.encode(obj, name) for name, obj in self.objects.items()}
-        blobs = []
-        for name, array in encoder.tensors.items():
-            if array.dtype not in DTYPES:
-                raise ConfigError(f"{name}: arrays of dtype {array.dtype} cannot be saved")
-            buffer = self._buffers.get(name)
-            if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
-                buffer = self._buffers[name] = np.empty_like(array, order="C")
-            np.copyto(buffer, array)
-            blobs.append(TensorBlob(name, DTYPES[array.dtype], array.shape, memoryview(buffer.reshape(-1).view(np.uint8))))
-        return Capture(blobs=blobs, state={"objects": skeleton})
+        """Copies into reusable buffers: training may change the arrays while they are written."""
+        return self._capture(self._copy)
 
     def capture_in_place(self) -> Capture:
-        """The arrays' own memory (C-contiguous ones), for a save that training waits out."""
+        """The arrays' own memory, for a save that training waits out (emergency, final)."""
+        return self._capture(lambda name, array: np.ascontiguousarray(array))
+
+    def _capture(self, host: Callable[[str, np.ndarray], np.ndarray]) -> Capture:
         encoder = Encoder(lambda x: isinstance(x, np.ndarray))
         skeleton = {name: encoder.encode(obj, name) for name, obj in self.objects.items()}
         blobs = []
         for name, array in encoder.tensors.items():
             if array.dtype not in DTYPES:
                 raise ConfigError(f"{name}: arrays of dtype {array.dtype} cannot be saved")
-            data = np.ascontiguousarray(array)
+            data = host(name, array)
             blobs.append(TensorBlob(name, DTYPES[array.dtype], array.shape, memoryview(data.reshape(-1).view(np.uint8))))
         return Capture(blobs=blobs, state={"objects": skeleton})
+
+    def _copy(self, name: str, array: np.ndarray) -> np.ndarray:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+            buffer = self._buffers[name] = np.empty_like(array, order="C")
+        np.copyto(buffer, array)
+        return buffer
 
     def restore(self, reader: CheckpointReader) -> None:
         saved = reader.state.get("adapter", {}).get("objects", {})
