@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions the suite last passed with, so a new release on the index
+# cannot change (or break) a fresh set-up; pyproject.toml keeps the ranges users install with.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[all,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
