@@ -15,12 +15,12 @@ say "savegame run --dir $RUN -- python examples/pytorch_mnist_cnn.py --epochs 5 
 daemon=$!
 trap 'kill -TERM "$daemon" 2>/dev/null || true' EXIT  # never leave the run behind if a step fails
 
-worker=$("$BIN/python" scripts/wait_for_step.py "$RUN" 90)
-say "SIGKILL to the worker (pid $worker) in the middle of epoch 2: the daemon restarts it from its last checkpoint"
+read -r worker step < <("$BIN/python" scripts/wait_for_step.py "$RUN" 90)
+say "SIGKILL to the worker (pid $worker) at step $step, in the middle of epoch 2: the daemon restarts it from its last checkpoint"
 kill -KILL "$worker"
 
-worker=$("$BIN/python" scripts/wait_for_step.py "$RUN" 220)
-say "SIGTERM to the daemon in the middle of epoch 4 (a preemption notice): emergency checkpoint, then exit 0"
+read -r worker step < <("$BIN/python" scripts/wait_for_step.py "$RUN" 220)
+say "SIGTERM to the daemon at step $step, in the middle of epoch 4 (a preemption notice): emergency checkpoint, then exit 0"
 kill -TERM "$daemon"
 wait "$daemon" && echo "savegame exited with 0"
 
