@@ -46,25 +46,27 @@ class TorchAdapter:
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def capture(self) -> Capture:
+    def _encode(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every tensor to save, by name, and the JSON skeleton that refers to them."""
         encoder = Encoder(lambda x: isinstance(x, torch.Tensor))
         skeleton = {name: encoder.encode(obj.state_dict(), name) for name, obj in self.objects.items()}
         rng = encoder.encode(_torch_rng_states(), "rng")
-        blobs, fill, ready = self._buffers.plan(encoder.tensors)
-        return Capture(blobs=blobs, state={"objects": skeleton, "rng": rng}, fill=fill, ready=ready)
+        return encoder.tensors, {"objects": skeleton, "rng": rng}
+
+    def capture(self) -> Capture:
+        tensors, state = self._encode()
+        blobs, fill, ready = self._buffers.plan(tensors)
+        return Capture(blobs=blobs, state=state, fill=fill, ready=ready)
 
     def capture_in_place(self) -> Capture:
         """For a save that training waits out (emergency, final): CPU tensors are written from their
         own memory, with no copy; with any tensor on a GPU, the usual pinned-buffer copy."""
-        encoder = Encoder(lambda x: isinstance(x, torch.Tensor))
-        skeleton = {name: encoder.encode(obj.state_dict(), name) for name, obj in self.objects.items()}
-        rng = encoder.encode(_torch_rng_states(), "rng")
-        tensors = {name: t.detach() for name, t in encoder.tensors.items()}
+        tensors, state = self._encode()
         if any(t.device.type != "cpu" or t.dtype not in DTYPES for t in tensors.values()):
-            return Capture(blobs=self._buffers.copy(encoder.tensors), state={"objects": skeleton, "rng": rng})
-        blobs = [TensorBlob(name, DTYPES[t.dtype], tuple(t.shape), memoryview(_bytes_view(t.contiguous()).numpy()))
+            return Capture(blobs=self._buffers.copy(tensors), state=state)
+        blobs = [TensorBlob(name, DTYPES[t.dtype], tuple(t.shape), memoryview(_bytes_view(t.detach().contiguous()).numpy()))
                  for name, t in tensors.items()]
-        return Capture(blobs=blobs, state={"objects": skeleton, "rng": rng})
+        return Capture(blobs=blobs, state=state)
 
     # -- restoring ------------------------------------------------------------------------------
 
