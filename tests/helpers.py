@@ -86,9 +86,16 @@ class Daemon:
         return self.err.read_text(errors="replace") if self.err.exists() else ""
 
     def kill(self) -> None:
+        """SIGKILL the daemon, and its worker's process group (a killed daemon cannot do it)."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            worker = (self.status() or {}).get("worker_pid")
+            if worker:
+                try:
+                    os.killpg(worker, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
 
 def counter(*args: object) -> list[str]:
