@@ -17,6 +17,10 @@ class ConfigError(SavegameError, ValueError):
     """
 
 
+class MalformedInput(SavegameError, ValueError):
+    """Data from outside (a manifest, a datagram, a status file) that does not parse or validate."""
+
+
 class StorageError(SavegameError, OSError):
     """A storage operation failed (I/O error, disk full, unreachable server)."""
 

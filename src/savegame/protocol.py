@@ -2,15 +2,21 @@
 
 Events are small JSON datagrams on an AF_UNIX socket (the same shape as sd_notify: a path, or
 `@name` for an abstract socket). Sending never blocks and never fails the caller: a worker without
-a daemon, or a daemon that is gone, just drops them.
+a daemon just drops them, and one whose daemon is gone learns it (`peer_gone`) and stops with an
+emergency checkpoint.
+
+The training process announces itself with a `hello` event (its pid, the signals it handles, its
+rank), so the daemon signals that process even behind a wrapper (`sh -c`, `conda run`, torchrun)
+and sends SIGUSR1 only to a process that handles it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 ENV_DIR = "SAVEGAME_DIR"
 ENV_RESUME_FROM = "SAVEGAME_RESUME_FROM"
@@ -24,10 +30,13 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BAD_CHECKPOINT = 65  # EX_DATAERR: the resume checkpoint failed verification while loading
+EXIT_IO = 74  # EX_IOERR (daemon): checkpoints did not reach where they must (the mirror, a full disk)
 EXIT_SAVED_RESUME_ME = 75  # EX_TEMPFAIL: emergency checkpoint committed, resume me
 EXIT_CONFIG = 78  # EX_CONFIG: never retried
 
 MAX_DATAGRAM = 16 * 1024
+EVENT_HELLO = "hello"  # the training process announces itself: pid, handles, rank, world_size
+_PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
 
 
 def socket_address(address: str) -> str | bytes:
@@ -40,6 +49,7 @@ class DatagramSender:
 
     def __init__(self, address: Optional[str]) -> None:
         self.address = address
+        self.peer_gone = False  # the receiver is gone (the daemon died): nobody listens any more
         self._sock: Optional[socket.socket] = None
         if address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -51,8 +61,10 @@ class DatagramSender:
         try:
             self._sock.sendto(payload, socket_address(self.address))
             return True
-        except OSError:
-            return False  # nobody listening, or the queue is full: events are best-effort
+        except OSError as exc:  # the queue is full (events are best-effort), or nobody listens
+            if exc.errno in _PEER_GONE:
+                self.peer_gone = True
+            return False
 
     def send(self, event: str, **fields: Any) -> bool:
         return self.send_raw(json.dumps({"event": event, "pid": os.getpid(), **fields}).encode())
@@ -89,11 +101,3 @@ class ProgressCell:
     def close(self) -> None:
         self._map.close()
         self._file.close()
-
-
-def parse_event(payload: bytes) -> Optional[Mapping[str, Any]]:
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) and isinstance(event.get("event"), str) else None

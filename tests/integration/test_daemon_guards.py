@@ -21,7 +21,7 @@ def test_events_from_another_process_are_dropped():
         other = subprocess.run([sys.executable, "-c", code], check=True)
         assert other.returncode == 0
         DatagramSender(inbox.address).send("heartbeat", step=7)  # from this process
-        events = wait_until(lambda: inbox.drain(os.getpid()), timeout=5)
+        events = wait_until(lambda: inbox.drain(lambda pid, uid: pid == os.getpid()), timeout=5)
         assert [(e["event"], e["step"]) for e in events] == [("heartbeat", 7)]  # the other one was dropped
     finally:
         inbox.close()

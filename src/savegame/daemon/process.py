@@ -41,6 +41,17 @@ class WorkerProcess:
                               "interpreter (python train.py) or give it a #! line") from None
         self.pid = self._popen.pid
         self.pgid = self.pid  # process_group=0 makes the worker its group's leader
+        self._owned: dict[int, bool] = {}
+
+    def owns(self, pid: int) -> bool:
+        """Whether `pid` is one of this worker's processes: in its process group, or a descendant
+        (torchrun starts its ranks in sessions of their own)."""
+        if pid == self.pid:
+            return True
+        known = self._owned.get(pid)
+        if known is None:
+            known = self._owned[pid] = _in_group(pid, self.pgid) or _descends_from(pid, self.pid)
+        return known
 
     def poll(self) -> Optional[tuple[Optional[int], Optional[int]]]:
         """(exit code, None) or (None, signal) once it has exited; None while it runs."""
@@ -64,3 +75,32 @@ class WorkerProcess:
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 log.warning("cannot kill process group %d: %s", self.pgid, exc)
+
+
+def _in_group(pid: int, pgid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pgid
+    except OSError:
+        return False
+
+
+def parent_of(pid: int) -> Optional[int]:
+    """The parent pid from /proc (None when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def _descends_from(pid: int, ancestor: int, max_depth: int = 64) -> bool:
+    for _ in range(max_depth):
+        parent = parent_of(pid)
+        if parent is None or parent <= 1:
+            return False
+        if parent == ancestor:
+            return True
+        pid = parent
+    return False

@@ -178,7 +178,7 @@ class Supervisor:
                 self.events.append(m.CheckpointRequested())
 
     def _take_worker_events(self) -> None:
-        for event in self.inbox.drain(self.worker.pid if self.worker else None):
+        for event in self.inbox.drain(self._accept_sender):
             self.last_event_mono = time.monotonic()
             kind = event["event"]
             if kind in ("heartbeat", "started", "resumed", "saving", "stopping", "finished"):
@@ -191,6 +191,10 @@ class Supervisor:
                 self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
             elif kind == "bad-checkpoint":
                 log.error("the worker could not load step %s: %s", event.get("step"), event.get("problem"))
+
+    def _accept_sender(self, pid: int, uid: int) -> bool:
+        """Events count only from this user's processes that belong to the current worker."""
+        return uid == os.getuid() and self.worker is not None and self.worker.owns(pid)
 
     def _adopt_worker_policy(self, policy: Mapping[str, Any]) -> None:
         """The script's own Checkpointer settings (its monitored metric, what it keeps) apply to
