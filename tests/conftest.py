@@ -87,6 +87,16 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 @pytest.fixture
+def fault_proxy(s3_server: S3Server) -> Iterator["FaultProxy"]:
+    """A fault-injecting HTTP proxy in front of the S3 server (throttle, stall, reset, refuse, 503)."""
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint).start()
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
 def savegame_env() -> dict[str, str]:
     """Environment for subprocesses running savegame (no daemon variables leak in)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAVEGAME_", "NOTIFY_SOCKET", "WATCHDOG_"))}

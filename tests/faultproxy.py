@@ -1,0 +1,184 @@
+"""A small HTTP fault proxy in front of the S3 server: throttle, stall, reset, refuse, or answer 503.
+
+Real TCP on 127.0.0.1, real HTTP (aiohttp, which s3fs already brings): the daemon under test talks
+to the proxy's endpoint exactly as it would to a bucket behind a bad network. The test changes the
+faults while the daemon runs:
+
+    proxy.upload_rate = 3e6                          # bytes/s from client to server
+    proxy.stall = True                               # hold every request until unset
+    proxy.fail("GET", r"manifest\\.json$", 503, times=1)
+    proxy.refuse()  ... proxy.accept()               # connection refused, then back
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+              "proxy-authorization", "proxy-authenticate", "content-length"}
+CHUNK = 64 * 1024
+
+
+@dataclass
+class Rule:
+    method: str
+    path: re.Pattern
+    action: int | str  # an HTTP status to answer, "reset" or "stall"
+    times: Optional[int]  # None: forever
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.upload_rate: Optional[float] = None
+        self.download_rate: Optional[float] = None
+        self.stall = False
+        self.rules: list[Rule] = []
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
+        self._site: Optional[web.TCPSite] = None
+        self._runner: Optional[web.AppRunner] = None
+        self._session: Optional[ClientSession] = None
+        self._open_transports: set = set()
+        self._free_at = {"up": 0.0, "down": 0.0}  # a shared link per direction: when it is free again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    # -- control, from the test's thread ---------------------------------------------------------
+
+    def start(self) -> "FaultProxy":
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def close(self) -> None:
+        self.stall = False
+        self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def fail(self, method: str, path_regex: str, action: int | str, times: Optional[int] = None) -> None:
+        """Answer matching requests with `action` (a status, "reset" or "stall"), `times` times."""
+        self.rules.append(Rule(method.upper(), re.compile(path_regex), action, times))
+
+    def clear(self) -> None:
+        self.rules.clear()
+        self.stall = False
+        self.upload_rate = self.download_rate = None
+
+    def refuse(self) -> None:
+        """Stop listening: new connections are refused (open ones are cut)."""
+        self._call(self._close_site())
+
+    def accept(self) -> None:
+        self._call(self._open_site())
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def _call(self, coroutine) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+
+    # -- the proxy, on its own loop ----------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._session = ClientSession(timeout=ClientTimeout(total=None), auto_decompress=False)
+        app = web.Application(client_max_size=1 << 34)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        await self._open_site()
+
+    async def _open_site(self) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+
+    async def _close_site(self) -> None:
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        for transport in list(self._open_transports):
+            transport.abort()
+
+    async def _stop(self) -> None:
+        await self._close_site()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    def _rule_for(self, method: str, path: str) -> Optional[Rule]:
+        for rule in self.rules:
+            if rule.method in (method, "*") and rule.path.search(path) and rule.times != 0:
+                if rule.times is not None:
+                    rule.times -= 1
+                return rule
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            self._open_transports.add(transport)
+        try:
+            return await self._forward(request)
+        finally:
+            self._open_transports.discard(transport)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.method, request.path))
+        while self.stall:
+            await asyncio.sleep(0.05)
+        rule = self._rule_for(request.method, request.path)
+        if rule is not None:
+            if rule.action == "reset":
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError
+            if rule.action == "stall":
+                await asyncio.sleep(3600)
+            return web.Response(status=int(rule.action), text="<Error><Code>SlowDown</Code></Error>",
+                                headers={"Connection": "close"})
+        body = await self._read_body(request)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        assert self._session is not None
+        async with self._session.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                         data=body, allow_redirects=False) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
+            if upstream.headers.get("Content-Length") is not None:
+                response.content_length = int(upstream.headers["Content-Length"])
+            await response.prepare(request)
+            async for chunk in self._throttled(upstream.content.iter_chunked(CHUNK), "down"):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        parts = []
+        async for chunk in self._throttled(request.content.iter_chunked(CHUNK), "up"):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _throttled(self, chunks, direction: str):
+        """Chunks at the rate of one link per direction, shared by every request (like an uplink)."""
+        async for chunk in chunks:
+            while self.stall:
+                await asyncio.sleep(0.05)
+            limit = self.upload_rate if direction == "up" else self.download_rate
+            if limit:
+                now = time.monotonic()
+                self._free_at[direction] = max(now, self._free_at[direction]) + len(chunk) / limit
+                await asyncio.sleep(self._free_at[direction] - now)
+            yield chunk
