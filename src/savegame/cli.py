@@ -1,6 +1,7 @@
 """`savegame run | ls | verify | prune | restore | status`. Logging is configured here, and only here.
 
-Exit codes: 0 ok, 1 a run gave up or verify found damage, 2 usage, 78 bad configuration.
+Exit codes: 0 ok, 1 a run gave up or verify found damage, 2 usage, 74 checkpoints did not reach where
+they must (the mirror, a full disk), 78 bad configuration.
 """
 from __future__ import annotations
 
@@ -83,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The config file (if any) under the command-line flags: one validation for both."""
-    layers = _daemon_settings(getattr(args, "url", None))
+def config_from_args(args: argparse.Namespace, stored: Optional[Layer] = None) -> RunConfig:
+    """The run's stored policy (lowest), the config file, the command-line flags: one validation."""
+    layers = [stored] if stored is not None else []
     if getattr(args, "config", None):
         layers.append(read_toml(args.config))
     flags: dict[str, Any] = {}
@@ -107,14 +108,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return build_config(layers)
 
 
-def _daemon_settings(url: Optional[str]) -> list[Layer]:
-    """For ls/prune of a local run folder: the policy its daemon applies, as the lowest layer."""
-    from savegame.daemon.status import read_status, read_worker_settings
+def _open_with_policy(args: argparse.Namespace) -> tuple[Any, RunConfig]:
+    """The store of DIR_OR_URL and the settings to judge it by: its run's stored policy, under the
+    config file and the flags (so `ls`, `prune` and `restore --best` keep and pick what the run does)."""
+    from savegame.inspect_cmds import open_existing
+    from savegame.policy import read_policy
 
-    if not url or "://" in url:
-        return []
-    settings = (read_status(url) or {}).get("policy") or read_worker_settings(url)
-    return [Layer(f"the daemon's settings in {url}", settings)] if settings else []
+    given = config_from_args(args)
+    store = open_existing(args.url, given["storage"])
+    stored = read_policy(store)
+    return store, (config_from_args(args, stored) if stored is not None else given)
 
 
 def _print_json(data: Any) -> None:
@@ -130,18 +133,20 @@ def _protected_by_daemon(url: str) -> dict[int, str]:
     status = (read_status(url) if "://" not in url else None) or {}
     if status.get("state") in TERMINAL_STATES:
         return {}
-    protected = {int(step): f"{why} (running daemon)" for step, why in (status.get("protected") or {}).items()}
-    if status.get("resumed_from") is not None:
-        protected.setdefault(int(status["resumed_from"]), "resume source of the running daemon")
+    listed = status.get("protected")
+    protected = {int(step): f"{why} (running daemon)" for step, why in (listed.items() if isinstance(listed, dict) else ())
+                 if isinstance(step, str) and step.isdigit() and len(step) <= 12}
+    resumed = status.get("resumed_from")
+    if isinstance(resumed, int) and not isinstance(resumed, bool) and resumed >= 0:
+        protected.setdefault(resumed, "resume source of the running daemon")
     return protected
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from savegame.inspect_cmds import format_ls, ls_rows, open_existing
+    from savegame.inspect_cmds import format_ls, ls_rows
 
-    config = config_from_args(args)
-    rows = ls_rows(open_existing(args.url, config["storage"]), config, _protected_by_daemon(args.url),
-                   include_problems=args.all or not args.json)
+    store, config = _open_with_policy(args)
+    rows = ls_rows(store, config, _protected_by_daemon(args.url), include_problems=args.all or not args.json)
     _print_json(rows) if args.json else print(format_ls(rows))
     return 0
 
@@ -161,10 +166,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from savegame.inspect_cmds import open_existing, prune
+    from savegame.inspect_cmds import prune
 
-    config = config_from_args(args)
-    result = prune(open_existing(args.url, config["storage"]), config, _protected_by_daemon(args.url), args.dry_run)
+    store, config = _open_with_policy(args)
+    result = prune(store, config, _protected_by_daemon(args.url), args.dry_run)
     if args.json:
         _print_json(result)
     else:
@@ -179,11 +184,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from savegame.inspect_cmds import choose, open_existing, restore
+    from savegame.inspect_cmds import choose, restore
 
-    config = config_from_args(args)
+    store, config = _open_with_policy(args)
     which = "latest" if args.latest else "best" if args.best else "step"
-    store = open_existing(args.url)
     info = restore(store, choose(store, which, args.step, config), args.to)
     print(f"restored step {info.step} to {info.path}")
     return 0
@@ -196,7 +200,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config["command"]:
         print("savegame: error: no command to run: savegame run [options] -- python train.py ...", file=sys.stderr)
         return protocol.EXIT_USAGE
-    return run_supervised(config)
+    try:
+        return run_supervised(config)
+    except StorageError as exc:  # the run folder's disk is full, the mirror cannot be read: retry later
+        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        return protocol.EXIT_IO
 
 
 def cmd_status(args: argparse.Namespace) -> int:

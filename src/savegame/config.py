@@ -8,47 +8,69 @@ objects it builds.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from savegame.errors import ConfigError
+from savegame.errors import ConfigError, MalformedInput
 from savegame.strategies import (REGIMES, RESUME_CHOICES, AnyOf, AnySchedule, EveryNEpochs, EveryNSeconds,
                                  EveryNSteps, KeepBest, KeepEvery, KeepLast, KeepThinning, OnImprovement,
                                  RestartPolicy, ThinningTier, resolve_mode)
 from savegame.strategies.regimes import DEFAULT_REGIME
 
+from savegame.untrusted import read_regular_file
+
 import tomllib
+
+MAX_CONFIG_BYTES = 1 << 20
 
 Parser = Callable[[Any], Any]
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
+MAX_COUNT = 10**9
+MAX_DURATION_S = 366 * 86400.0  # a year: longer "durations" are mistakes (or inf), not settings
+MAX_WAIT_S = 86400.0  # what the daemon itself waits for (grace, deadlines, backoff): a day at most
+
+
 def _integer(minimum: int = 0) -> Parser:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"must be an integer >= {minimum}")
+        if value > MAX_COUNT:
+            raise ValueError(f"must be at most {MAX_COUNT}")
         return value
     return parse
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError("must be a number >= 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError("must be a finite number >= 0")
     return float(value)
 
 
-def duration(value: Any) -> float:
-    """Seconds from a number or a string like '30s', '10m', '2h', '1d'."""
+def duration(value: Any, maximum: float = MAX_DURATION_S) -> float:
+    """Seconds from a number or a string like '30s', '10m', '2h', '1d'; finite, at most `maximum`."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = _DURATION_RE.match(value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError("must be a duration: seconds, or a string like '30s', '10m', '2h', '1d'")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+        seconds = float(value) if value <= maximum else float("inf")  # float(10**400) would overflow
+    else:
+        match = _DURATION_RE.match(value) if isinstance(value, str) else None
+        if not match:
+            raise ValueError("must be a duration: seconds, or a string like '30s', '10m', '2h', '1d'")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not seconds <= maximum:  # also false for NaN
+        raise ValueError(f"must be at most {_human_seconds(maximum)}")
+    return seconds
+
+
+def _wait(value: Any) -> float:
+    return duration(value, MAX_WAIT_S)
+
+
+def _human_seconds(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} seconds"
 
 
 def _text(value: Any) -> str:
@@ -123,17 +145,17 @@ KEEP_KEYS: dict[str, Parser] = {
 }
 TOP_KEYS: dict[str, Parser] = {
     "dir": _text, "mirror": _text, "regime": _choice(*REGIMES), "resume": _choice(*RESUME_CHOICES),
-    "monitor": _text, "mode": _choice("min", "max", "auto"), "grace": duration,
-    "max_restarts": _integer(), "restart_window": duration, "backoff_initial": duration,
-    "backoff_max": duration, "hang_timeout": duration, "stale_after": duration,
-    "mirror_deadline": duration, "upload_timeout": duration, "preemption": _preemption,
-    "preemption_interval": _at_least(0.5, duration), "command": _command, "storage": _table,
+    "monitor": _text, "mode": _choice("min", "max", "auto"), "grace": _wait,
+    "max_restarts": _integer(), "restart_window": duration, "backoff_initial": _wait,
+    "backoff_max": _wait, "hang_timeout": duration, "stale_after": duration,
+    "mirror_deadline": _wait, "upload_timeout": _wait, "mirror_wait": _wait, "preemption": _preemption,
+    "preemption_interval": _at_least(0.5, _wait), "command": _command, "storage": _table,
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS}
 DEFAULTS: dict[str, Any] = {
     "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
     "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
-    "mirror_deadline": 60.0, "upload_timeout": 600.0, "preemption_interval": 5.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
+    "mirror_deadline": 60.0, "upload_timeout": 600.0, "mirror_wait": 300.0, "preemption_interval": 5.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
 }
 
 
@@ -167,7 +189,7 @@ def _parse_one(source: str, schema: Mapping[str, Parser], key: str, value: Any, 
         raise ConfigError(f"{source}: unknown key {prefix + key!r}{suggestion}; allowed: {', '.join(allowed)}")
     try:
         return schema[key](value)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         shown = "<hidden>" if key == "storage" else repr(value)
         raise ConfigError(f"{source}: {prefix}{key} = {shown}: {exc}") from None
 
@@ -236,23 +258,22 @@ def build_config(layers: Sequence[Layer]) -> RunConfig:
     values = _merge(_merge(DEFAULTS, preset), explicit)
     values["regime"] = regime
     values["mirror_keep"] = {**values["keep"], **explicit.get("mirror_keep", {})}
-    if values.get("mirror") and values.get("dir") and \
-            os.path.abspath(values["mirror"]) == os.path.abspath(values["dir"]):
-        raise ConfigError(f"mirror = {values['mirror']!r} is the run folder itself; give another disk or a bucket")
-    if values["resume"] == "best" and not values.get("monitor"):
-        raise ConfigError("resume = 'best' needs a monitored metric: set monitor (e.g. --monitor val_acc)")
     return RunConfig(values=values, explicit=explicit)
 
 
 def read_toml(path: str) -> Layer:
     """A config file as a layer; a missing or unparsable file is a ConfigError."""
     try:
-        with open(path, "rb") as f:
-            return Layer(f"config {path}", tomllib.load(f))
+        raw = read_regular_file(path, MAX_CONFIG_BYTES, follow_symlinks=True)
+        return Layer(f"config {path}", tomllib.loads(raw.decode("utf-8")))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; check the --config path") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path} is nested too deeply to be a savegame config") from None
+    except MalformedInput as exc:
+        raise ConfigError(f"config {exc}; give a plain TOML file") from None
     except OSError as exc:
         raise ConfigError(f"config {path} cannot be read: {exc.strerror}") from None
 

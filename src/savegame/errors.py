@@ -39,3 +39,7 @@ class CorruptCheckpoint(StorageError):
 
 class UnsupportedFormat(CorruptCheckpoint):
     """A manifest or payload of a format this version does not read (newer, or unsafe like pickle)."""
+
+
+class Cancelled(SavegameError):
+    """An operation stopped on purpose before it finished (e.g. an upload set aside for an urgent one)."""

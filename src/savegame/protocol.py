@@ -85,11 +85,16 @@ class ProgressCell:
     def __init__(self, path: str, create: bool = False) -> None:
         import mmap
 
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC  # never through a planted symlink
         if create:
-            with open(path, "wb") as f:
-                f.write(struct.pack("<q", self.NONE))
-        self._file = open(path, "r+b")
-        self._map = mmap.mmap(self._file.fileno(), 8)
+            flags |= os.O_CREAT | os.O_TRUNC
+        fd = os.open(path, flags, 0o644)
+        try:
+            if create:
+                os.write(fd, struct.pack("<q", self.NONE))
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)  # the mapping keeps what it needs
 
     def write(self, step: int) -> None:
         struct.pack_into("<q", self._map, 0, step)
@@ -100,4 +105,3 @@ class ProgressCell:
 
     def close(self) -> None:
         self._map.close()
-        self._file.close()

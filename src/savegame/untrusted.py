@@ -154,11 +154,14 @@ def finite_metrics(value: Any, max_items: int = 1024) -> dict[str, float]:
 
 # -- files -----------------------------------------------------------------------------------------
 
-def read_regular_file(path: str, max_bytes: int, *, dir_fd: Optional[int] = None) -> bytes:
-    """The bytes of a regular file, never following a symlink at the last component, never blocking on
-    a FIFO, refusing devices and anything larger than `max_bytes`. OSError as usual when it is missing
-    or unreadable; MalformedInput when it is not a regular file or too large."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+def read_regular_file(path: str, max_bytes: int, *, dir_fd: Optional[int] = None,
+                      follow_symlinks: bool = False) -> bytes:
+    """The bytes of a regular file, never blocking on a FIFO, refusing devices and anything larger
+    than `max_bytes`, and (unless `follow_symlinks`: a user's own config file may be a link) never
+    through a symlink at the last component. OSError as usual when it is missing or unreadable;
+    MalformedInput when it is not a regular file or too large."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -78,16 +78,38 @@ def test_crash_loop_backs_off_and_gives_up_with_exit_1(tmp_path):
     assert daemon.status()["restarts"] == {"crash": 2}
 
 
-def test_same_step_crash_falls_back_once_then_gives_up(tmp_path):
+def fast_backoff(tmp_path, extra=""):
+    config = tmp_path / "fast.toml"
+    config.write_text(f"backoff_initial = 0.1\nbackoff_max = 0.2\n{extra}")
+    return ["--config", str(config)]
+
+
+def test_a_crash_after_progress_never_hides_the_verified_checkpoint(tmp_path):
+    """A crash at step 12, after resuming from step 10 and making progress, is not about step 10:
+    it is restarted within the budget, then the run gives up; step 10 is never quarantined."""
     run = tmp_path / "run"
-    daemon = Daemon(run, counter("--steps", 50, "--every", 5, "--sleep", 0.01, "--crash-at", 12), ["--max-restarts", "10"]).start()
+    daemon = Daemon(run, counter("--steps", 50, "--every", 5, "--sleep", 0.01, "--crash-at", 12),
+                    ["--max-restarts", "3", *fast_backoff(tmp_path)]).start()
     assert daemon.wait(timeout=60) == 1
     err = daemon.stderr
-    assert "falling back one checkpoint" in err
-    assert "quarantined step 10" in err  # suspect, set aside: the restart resumes from step 5
-    assert "resuming from step 5" in err.split("quarantined step 10")[1]
-    assert "even after falling back" in err
-    assert [p.name.split(".")[0] for p in (run / ".quarantine").iterdir()] == ["ckpt-000000000010"]
+    assert "giving up" in err and "the budget is 3" in err
+    assert "falling back" not in err and "quarantined" not in err and "aside" not in err
+    assert 10 in committed_steps(run) and not (run / ".quarantine").exists()
+    assert err.count("resuming from step 10") == 3
+
+
+def test_deaths_right_after_loading_fall_back_once_then_give_up(tmp_path):
+    run = tmp_path / "run"
+    worker = counter("--steps", 50, "--every", 5, "--sleep", 0.01, "--crash-at", 12, "--crash-after-load", 10)
+    daemon = Daemon(run, worker, ["--max-restarts", "10", *fast_backoff(tmp_path)]).start()
+    assert daemon.wait(timeout=60) == 1
+    err = daemon.stderr
+    assert "died 3 times right after loading step 10: falling back one checkpoint" in err
+    assert "setting step 10 aside for this run" in err
+    assert "resuming from step 5" in err.split("setting step 10 aside")[1]
+    assert "giving up" in err
+    assert not (run / ".quarantine").exists()  # verified: kept where it is
+    assert 10 in committed_steps(run) and savegame("verify", str(run)).returncode == 0
 
 
 def test_hanging_worker_is_dumped_killed_and_restarted(tmp_path):
@@ -119,7 +141,6 @@ def test_sigusr1_to_the_daemon_takes_a_checkpoint_now(tmp_path):
     ("kep = 3\n", "unknown key 'kep' (did you mean 'keep'?)"),
     ("[keep]\nlast = -1\n", "keep.last = -1: must be an integer >= 0"),
     ("grace = 'soon'\n", "grace = 'soon': must be a duration"),
-    ("resume = 'best'\n", "needs a monitored metric"),
     ("not toml [", "not valid TOML"),
 ])
 def test_bad_config_exits_78_with_a_message(tmp_path, toml, message):

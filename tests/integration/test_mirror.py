@@ -117,10 +117,13 @@ def test_a_checkpoint_that_no_event_announced_still_reaches_the_bucket(tmp_path,
 
 def test_falling_back_does_not_fetch_the_suspect_checkpoint_again(tmp_path, s3_server):
     url = f"s3://{s3_server.make_bucket()}/run"
-    daemon = Daemon(tmp_path / "run", counter("--steps", 50, "--every", 5, "--sleep", 0.01, "--crash-at", 12),
-                    ["--max-restarts", "10", "--mirror", url], env=s3_server.env).start()
+    config = tmp_path / "fast.toml"
+    config.write_text("backoff_initial = 0.1\nbackoff_max = 0.2\n")
+    worker = counter("--steps", 50, "--every", 5, "--sleep", 0.01, "--crash-at", 12, "--crash-after-load", 10)
+    daemon = Daemon(tmp_path / "run", worker, ["--max-restarts", "10", "--mirror", url, "--config", str(config)],
+                    env=s3_server.env).start()
     assert daemon.wait(timeout=60) == 1
     err = daemon.stderr
-    assert "quarantined step 10" in err
-    after = err.split("quarantined step 10")[1]
+    assert "setting step 10 aside" in err
+    after = err.split("setting step 10 aside")[1]
     assert "resuming from step 5" in after and "fetching step 10" not in after

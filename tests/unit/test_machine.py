@@ -82,28 +82,47 @@ def test_failures_outside_the_window_do_not_count():
     assert machine.state == m.State.STARTING
 
 
-def test_preemption_restarts_at_once_and_spends_no_budget():
+def test_preemptions_spend_no_budget_but_quick_ones_back_off():
+    """A worker that always exits 75 used to be restarted about 370 times a second."""
     events = [m.Spawned(1)]
     for _ in range(10):
         events += [m.WorkerExited(75, None, 5), m.BackoffOver(), m.Spawned(2)]
     machine, trace = run(events)
-    assert machine.state == m.State.RUNNING
-    assert all(a.seconds == 0 for _, actions, _ in trace for a in actions if isinstance(a, m.SetTimer))
+    assert machine.state == m.State.RUNNING  # never gives up on preemptions
+    delays = [a.seconds for _, actions, _ in trace for a in actions if isinstance(a, m.SetTimer)]
+    assert delays[0] == 0 and delays[1:4] == [1, 2, 4] and max(delays) == 8  # the policy's backoff, capped
+    lone = run([m.Spawned(1), m.WorkerExited(75, None, 5)], start=0.0)[1]
+    assert [a.seconds for a in lone[-1][1] if isinstance(a, m.SetTimer)] == [0]
 
 
-def test_same_step_failures_fall_back_once_then_give_up():
+def test_deaths_right_after_loading_fall_back_once_then_give_up():
     events = [m.Spawned(1)]
-    for _ in range(3):
-        events += [m.WorkerExited(1, None, 42), m.BackoffOver(), m.Spawned(2)]
+    for _ in range(3):  # loaded step 42, died before reaching any step boundary
+        events += [m.WorkerExited(1, None, None, loaded_step=42), m.BackoffOver(), m.Spawned(2)]
     roomy = RestartPolicy(max_restarts=10, window_s=100, same_step_limit=3)
     machine, trace = run(events, m.Machine(), step=0.0, policy=roomy)
     starts = [a for _, actions, _ in trace for a in actions if isinstance(a, m.StartWorker)]
     assert [s.fallback for s in starts] == [False, False, True]
     fallback = [actions for state, actions, reason in trace if "falling back" in reason][0]
-    assert m.QuarantineResume() in fallback  # the suspect checkpoint is set aside, not deleted
-    events = [m.WorkerExited(1, None, 42)]
+    assert m.SetAsideResume() in fallback and m.QuarantineResume() not in fallback  # never hidden on disk
+    events = [m.WorkerExited(1, None, 42, loaded_step=42)]
     machine, trace = run(events, machine, start=1.0, policy=roomy)
     assert machine.state == m.State.FAILED and "even after falling back" in trace[-1][2]
+
+
+@pytest.mark.parametrize("exit_event", [
+    m.WorkerExited(1, None, None, loaded_step=None),  # died before loading: a missing dataset, an import error
+    m.WorkerExited(1, None, 57, loaded_step=42),  # died after making progress: not about the checkpoint
+    m.WorkerExited(None, signal.SIGKILL, 57, loaded_step=42),
+])
+def test_failures_not_about_the_checkpoint_never_fall_back(exit_event):
+    events = [m.Spawned(1)]
+    for _ in range(6):
+        events += [exit_event, m.BackoffOver(), m.Spawned(2)]
+    roomy = RestartPolicy(max_restarts=10, window_s=100, same_step_limit=3)
+    machine, trace = run(events, m.Machine(), step=0.0, policy=roomy)
+    assert not any(isinstance(a, (m.SetAsideResume, m.QuarantineResume)) for _, actions, _ in trace for a in actions)
+    assert all(not a.fallback for _, actions, _ in trace for a in actions if isinstance(a, m.StartWorker))
 
 
 def test_hang_dumps_stacks_then_kills_then_restarts():
@@ -131,9 +150,22 @@ def test_bad_checkpoint_is_quarantined_and_restarted():
     assert m.QuarantineResume() in trace[-1][1]
 
 
-def test_spawn_failure_is_a_config_error():
-    machine, trace = run([m.SpawnFailed("command not found: 'pythn'")])
+def test_a_command_that_cannot_run_is_a_config_error():
+    machine, trace = run([m.SpawnFailed("command not found: 'pythn'", config_error=True)])
     assert machine.state == m.State.FAILED and trace[-1][1] == (m.Finish(78),)
+
+
+def test_a_transient_spawn_failure_at_a_restart_backs_off_and_retries():
+    """fork EAGAIN at a restart used to end the run with 78, which systemd never restarts."""
+    machine, trace = run([m.Spawned(1), m.WorkerExited(None, signal.SIGKILL, 9), m.BackoffOver(),
+                          m.SpawnFailed("Resource temporarily unavailable", config_error=False)])
+    assert machine.state == m.State.BACKOFF and machine.failures[-1].cause == "spawn"
+    assert not any(isinstance(a, m.Finish) for a in trace[-1][1])
+
+
+def test_aborted_fails_from_any_state():
+    machine, trace = run([m.Spawned(1), m.Aborted("the disk is full")])
+    assert machine.state == m.State.FAILED and kinds(trace[-1][1]) == ["KillGroup"]
 
 
 def test_checkpoint_request_is_forwarded_only_while_running():

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from savegame.strategies.restart import PREEMPTION_WINDOW_S
 from savegame.strategies import Decision, Failure, RestartPolicy, decide
 
 pytestmark = pytest.mark.unit
@@ -65,9 +66,10 @@ def test_preemption_restarts_at_once_and_is_not_counted():
     failures = crashes([float(i) for i in range(5)]) + [Failure(5.0, "preempted", 600)]
     decision = decide(POLICY, failures, now=5.0, fell_back=False)
     assert decision == Decision("restart", 0.0, decision.reason) and "preempted" in decision.reason
-    # many preemptions never exhaust the budget, nor count as failures at the same step
+    # many preemptions never exhaust the budget, nor count as failures at the same step; quick ones back off
     many = [Failure(float(i), "preempted", 100) for i in range(50)]
-    assert decide(POLICY, many, now=50.0, fell_back=False).action == "restart"
+    decision = decide(POLICY, many, now=50.0, fell_back=False)
+    assert decision.action == "restart" and decision.delay_s == POLICY.backoff_max_s and "backing off" in decision.reason
     after = many + [Failure(51.0, "crash", 100)]
     decision = decide(POLICY, after, now=51.0, fell_back=False)
     assert (decision.action, decision.delay_s) == ("restart", 0.0)
@@ -120,8 +122,9 @@ def test_decisions_are_always_within_bounds(events, fell_back):
     assert 0.0 <= decision.delay_s <= POLICY.backoff_max_s
     assert decision.reason
     counted = [f for f in failures if f.cause != "preempted" and t - f.time <= POLICY.window_s]
+    quick = [f for f in failures if f.cause == "preempted" and t - f.time <= PREEMPTION_WINDOW_S]
     if failures[-1].cause == "preempted":
-        assert (decision.action, decision.delay_s) == ("restart", 0.0)
+        assert decision.action == "restart" and (decision.delay_s == 0.0) == (len(quick) == 1)
     elif len(counted) > POLICY.max_restarts:
         assert decision.action == "give-up"
     if decision.action == "fallback":

@@ -34,6 +34,7 @@ class Ck:
     epoch: int = 0
     created: datetime = NOW
     metrics: Mapping[str, float] = field(default_factory=dict)
+    reason: str = "periodic"
 
 
 def series(steps, *, metric=None, values=None, minutes_apart=10, epoch_every=None):
@@ -367,3 +368,13 @@ def test_prune_deletes_exactly_what_the_plan_says(values, last, best, every):
     result = prune(store, config, {}, dry_run=False, now=NOW)
     assert [d["step"] for d in result["delete"]] == planned.delete
     assert [c.step for c in store.list()] == sorted(planned.keep)
+
+
+def test_a_policy_that_knows_no_metric_never_deletes_a_checkpoint_saved_as_best():
+    checkpoints = [Ck(10, reason="best", metrics={"val_acc": 0.9}), Ck(20), Ck(30), Ck(40, reason="best")]
+    plan = plan_retention(checkpoints, KeepLast(1), NOW)
+    assert plan.delete == [20, 30]
+    assert "saved as best" in plan.keep[10][0]
+    known = plan_retention(checkpoints, KeepLast(1), NOW, monitor=("val_acc", "max"))
+    assert known.delete == [20, 30] and "best val_acc" in known.keep[10]
+    assert plan_retention(checkpoints, KeepLast(1), NOW, monitor=("loss", "min")).delete == [10, 20, 30]

@@ -23,8 +23,10 @@ parser.add_argument("--epoch-steps", type=int, default=0, help="steps per epoch 
 parser.add_argument("--log", help="append each completed step to this file")
 parser.add_argument("--ignore-term", action="store_true")
 parser.add_argument("--crash-at", type=int, help="exit 3 whenever this step is reached")
+parser.add_argument("--crash-after-load", type=int, help="exit 3 right after resuming from this step")
 parser.add_argument("--hang-at", type=int, help="hang at this step on the first attempt")
 parser.add_argument("--metric", action="store_true", help="report a loss at each epoch end")
+parser.add_argument("--best-epoch", type=int, help="with --metric: the loss is lowest at this epoch")
 args = parser.parse_args()
 
 weights = np.zeros(max(1, int(args.size_mb * 2**20 / 4)), dtype=np.float32)
@@ -33,6 +35,8 @@ ckpt.track(weights=weights)
 info = ckpt.restore()
 if info is not None and not np.all(weights == ckpt.progress.step):
     sys.exit(f"restored weights {weights[:3]} do not match step {ckpt.progress.step}")
+if info is not None and info.step == args.crash_after_load:
+    os._exit(3)
 if args.ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 seen = ckpt.state.setdefault("seen", [])
@@ -53,7 +57,9 @@ while ckpt.progress.step < args.steps:
     time.sleep(args.sleep)
     ckpt.step()
     if ckpt.progress.step % epoch_steps == 0:
-        ckpt.end_epoch(**({"loss": 1.0 / ckpt.progress.step} if args.metric else {}))
+        epoch = ckpt.progress.epoch + 1
+        loss = 1.0 + abs(epoch - args.best_epoch) if args.best_epoch is not None else 1.0 / ckpt.progress.step
+        ckpt.end_epoch(**({"loss": loss} if args.metric else {}))
 
 ckpt.finish()
 assert seen == list(range(args.steps)), "steps done twice or skipped"

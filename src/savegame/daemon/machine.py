@@ -10,6 +10,7 @@ transition with its reason, so the whole life of a run can be read from the log.
                 RUNNING -> DRAINING -> STOPPED       stop request: emergency checkpoint, exit 75
                 DRAINING -> KILLING -> STOPPED       the grace period ran out
                 RUNNING -> KILLING -> BACKOFF        a hang: stacks dumped, group killed
+                any     -> FAILED                    aborted: the daemon itself cannot go on
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class Spawned:
 @dataclass(frozen=True)
 class SpawnFailed:
     error: str
+    config_error: bool  # the command cannot run at all (first start only): not worth retrying
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,16 @@ class WorkerExited:
     code: Optional[int]  # exit status, or None when killed by a signal
     signal: Optional[int]
     last_step: Optional[int]  # the step it had reached (exact: the worker writes it at every boundary)
+    loaded_step: Optional[int] = None  # the checkpoint it said it had loaded, if any
+
+    @property
+    def suspect_step(self) -> Optional[int]:
+        """The checkpoint this death may be about: it died right after loading it, before any step.
+        A death before loading (a missing dataset, an import error) or after progress is about the
+        environment or the code, never held against a verified checkpoint."""
+        if self.loaded_step is not None and self.last_step in (None, self.loaded_step):
+            return self.loaded_step
+        return None
 
 
 @dataclass(frozen=True)
@@ -85,8 +97,13 @@ class BackoffOver:
     pass
 
 
+@dataclass(frozen=True)
+class Aborted:
+    reason: str  # the daemon cannot go on (a configuration error found at start-up, a full disk, a bug)
+
+
 Event = Union[Spawned, SpawnFailed, WorkerExited, StopRequested, CheckpointRequested, GraceExpired,
-              HangDetected, DumpWaitOver, BackoffOver]
+              HangDetected, DumpWaitOver, BackoffOver, Aborted]
 
 
 # -- actions --------------------------------------------------------------------------------------
@@ -114,7 +131,12 @@ class SetTimer:
 
 @dataclass(frozen=True)
 class QuarantineResume:
-    pass
+    pass  # the worker could not load its checkpoint: damaged, moved aside
+
+
+@dataclass(frozen=True)
+class SetAsideResume:
+    pass  # the worker died right after loading it, again and again: not used again by this daemon
 
 
 @dataclass(frozen=True)
@@ -122,7 +144,7 @@ class Finish:
     exit_code: int
 
 
-Action = Union[StartWorker, SignalWorker, KillGroup, SetTimer, QuarantineResume, Finish]
+Action = Union[StartWorker, SignalWorker, KillGroup, SetTimer, QuarantineResume, SetAsideResume, Finish]
 
 
 @dataclass(frozen=True)
@@ -148,6 +170,8 @@ def transition(m: Machine, event: Event, now: float, policy: RestartPolicy) -> T
     """The one place state changes. Unexpected events leave the state as it is."""
     if m.state in TERMINAL:
         return Transition(m, (), f"{type(event).__name__} ignored: already {m.state.value}")
+    if isinstance(event, Aborted):
+        return Transition(replace(m, state=State.FAILED), (KillGroup(),), event.reason)
     if isinstance(event, StopRequested):
         return _on_stop(m, event)
     if isinstance(event, CheckpointRequested):
@@ -157,8 +181,10 @@ def transition(m: Machine, event: Event, now: float, policy: RestartPolicy) -> T
     if isinstance(event, Spawned):
         return Transition(replace(m, state=State.RUNNING), (), f"worker started (pid {event.pid})")
     if isinstance(event, SpawnFailed):
-        return Transition(replace(m, state=State.FAILED), (Finish(protocol.EXIT_CONFIG),),
-                          f"cannot start the worker: {event.error}")
+        if event.config_error:
+            return Transition(replace(m, state=State.FAILED), (Finish(protocol.EXIT_CONFIG),),
+                              f"cannot start the worker: {event.error}")
+        return _on_failure(m, "spawn", None, f"cannot start the worker ({event.error})", now, policy)
     if isinstance(event, WorkerExited):
         return _on_exit(m, event, now, policy)
     if isinstance(event, GraceExpired) and m.state == State.DRAINING:
@@ -207,19 +233,26 @@ def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy)
         return Transition(replace(m, state=State.FAILED), (KillGroup(), Finish(protocol.EXIT_CONFIG)),
                           "worker reported a configuration error (exit code 78): not retrying")
     cause = _cause(m, event)
-    failures = m.failures + (Failure(now, cause, event.last_step),)  # type: ignore[arg-type]
+    return _on_failure(m, cause, event.suspect_step, f"worker died ({how}, {cause})", now, policy)
+
+
+def _on_failure(m: Machine, cause: str, suspect_step: Optional[int], what: str, now: float,
+                policy: RestartPolicy) -> Transition:
+    failures = m.failures + (Failure(now, cause, suspect_step),)  # type: ignore[arg-type]
     decision = decide(policy, failures, now, m.fell_back)
     actions: tuple[Action, ...] = (KillGroup(),)
-    if cause == "bad-checkpoint" or decision.action == "fallback":
-        actions += (QuarantineResume(),)  # damaged, or suspect: set it aside, resume from the one before
+    if cause == "bad-checkpoint":
+        actions += (QuarantineResume(),)  # damaged: moved aside, the one before it is used
+    elif decision.action == "fallback":
+        actions += (SetAsideResume(),)  # suspect: not used again here, never deleted or hidden
     if decision.action == "give-up":
         return Transition(replace(m, state=State.FAILED, failures=failures), actions + (Finish(protocol.EXIT_FAILED),),
-                          f"worker died ({how}, {cause}); giving up: {decision.reason}")
+                          f"{what}; giving up: {decision.reason}")
     fallback = decision.action == "fallback"
     return Transition(replace(m, state=State.BACKOFF, failures=failures, fell_back=m.fell_back or fallback,
                               fallback_next=fallback, kill_cause=None),
                       actions + (SetTimer("backoff", decision.delay_s),),
-                      f"worker died ({how}, {cause}): {decision.reason}; restart in {decision.delay_s:g}s")
+                      f"{what}: {decision.reason}; restart in {decision.delay_s:g}s")
 
 
 def _cause(m: Machine, event: WorkerExited) -> str:

@@ -1,8 +1,12 @@
 """Mirroring committed local checkpoints to object storage, off the worker's critical path.
 
-One thread owns the remote store: it uploads what the remote lacks (the emergency checkpoint
-first, then newest first), retries with backoff, applies the remote retention, and reports which
-steps the remote holds. The local tier never deletes a checkpoint the remote has not confirmed.
+One thread owns the remote store. A pass lists the bucket when its view may be stale, stores the
+run's policy beside the checkpoints once it is known, then uploads what the bucket's policy wants
+and the bucket lacks, one checkpoint at a time, choosing again before every upload: emergency and
+final checkpoints first (an upload of another step in flight is cancelled for them at once), then
+newest first. Every remote operation has a deadline; one that overruns is abandoned, and the view
+is listed again before anything relies on it. The bucket's retention runs only once the run's
+policy is known. `flush` returns the steps the bucket still lacks: "mirrored" is never assumed.
 """
 from __future__ import annotations
 
@@ -12,90 +16,111 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional, TypeVar
 
+from savegame.config import RunConfig
+from savegame.daemon.deadline import Abandoned, call_with_deadline
 from savegame.errors import CheckpointExists, CorruptCheckpoint, StorageError
+from savegame.policy import policy_record, write_policy
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.strategies import plan_retention
-from savegame.strategies.retention import RetentionPolicy
+from savegame.strategies.tiers import awaiting_upload
 
 log = logging.getLogger("savegame")
 T = TypeVar("T")
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 30.0
+FLUSH_RETRY_S = 0.5  # while the daemon waits for the bucket, a failed pass is retried this soon
+CALL_TIMEOUT_S = 30.0  # listing, deleting, small writes: a stalled server must not hold anything up
+
+
+class _Preempted(Exception):
+    """An upload was set aside for an emergency or final checkpoint."""
 
 
 class Mirror:
-    def __init__(self, local: CheckpointStore, remote: CheckpointStore, policy: RetentionPolicy,
-                 monitor: Optional[tuple[str, str]], wake: Callable[[], None], stale_after_s: float,
-                 op_timeout_s: float = 600.0) -> None:
-        self._op_timeout_s = op_timeout_s
-        self._abandoned: list[tuple[Optional[int], threading.Thread]] = []  # (step it writes, thread)
+    def __init__(self, local: CheckpointStore, remote: CheckpointStore, wake: Callable[[], None],
+                 stale_after_s: float, upload_timeout_s: float = 600.0,
+                 call_timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.local = local
         self.remote = remote
-        self._policy = policy
-        self._monitor = monitor
         self._wake = wake
         self._stale_after_s = stale_after_s
+        self._upload_timeout_s = upload_timeout_s
+        self._call_timeout_s = min(call_timeout_s, upload_timeout_s)
         self._cond = threading.Condition()
-        self._urgent: Optional[int] = None
+        self._config: Optional[RunConfig] = None  # None: the run's policy is not known yet
+        self._stored_policy: Optional[dict[str, Any]] = None  # the record the bucket holds
+        self._urgent: set[int] = set()
         self._requested = True
+        self._retry_now = False
         self._closing = False
-        self._remote_infos: Optional[dict[int, CheckpointInfo]] = None
-        self._skip: set[int] = set()  # steps the mirror cannot take: damaged here, or different there
-        self.pending: list[int] = []
-        self.declined: set[int] = set()  # local steps the remote policy does not want
-        self._pruned: set[int] = set()  # steps the remote had and let go
+        self._busy = False
+        self._remote: dict[int, CheckpointInfo] = {}  # what the bucket holds, as last listed
+        self._listed = False  # `_remote` is a listing made since the last doubt
+        self._skip: set[int] = set()  # steps the bucket cannot take: damaged here, or different there
+        self._abandoned: list[tuple[Optional[int], threading.Thread]] = []  # (step it writes, thread)
+        self.pending: list[int] = []  # what it still has to upload, newest first
         self.last_error: Optional[str] = None
         self.last_upload: Optional[tuple[int, float]] = None  # (step, wall time)
-        self._busy = False
         self._thread = threading.Thread(target=self._loop, name="savegame-mirror", daemon=True)
 
-    def set_policy(self, policy: RetentionPolicy, monitor: Optional[tuple[str, str]]) -> None:
-        with self._cond:
-            self._policy, self._monitor = policy, monitor
-            self._requested = True
-            self._cond.notify()
+    # -- the daemon's side -----------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
-    # -- the loop thread's side -------------------------------------------------------------
+    def set_config(self, config: RunConfig) -> None:
+        """The run's policy is known (or changed): the bucket's retention may run, and gets it stored."""
+        with self._cond:
+            self._config = config
+            self._requested = True
+            self._cond.notify_all()
 
     def request_sync(self, urgent_step: Optional[int] = None) -> None:
+        """Look again; an `urgent_step` (emergency, final) goes before anything else, at once."""
         with self._cond:
             self._requested = True
             if urgent_step is not None:
-                self._urgent = urgent_step
-            self._cond.notify()
+                self._urgent.add(urgent_step)
+                self._retry_now = True
+            self._cond.notify_all()
 
-    def remote_listing(self) -> list[CheckpointInfo]:
+    def awaiting(self, local: list[CheckpointInfo]) -> list[int]:
+        """Local steps the bucket still needs (the local tier keeps them); all of them while the
+        run's policy is unknown."""
         with self._cond:
-            return sorted((self._remote_infos or {}).values(), key=lambda c: c.step)
+            config, remote = self._config, list(self._remote.values())
+            skip = set(self._skip)
+        if config is None:
+            return sorted((c.step for c in local if c.step not in self._remote and c.step not in skip), reverse=True)
+        return awaiting_upload(local, remote, config.retention("mirror"), datetime.now(timezone.utc),
+                               monitor=config.monitor, unmirrorable=skip)  # type: ignore[arg-type]
 
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until nothing is left to upload (or the timeout passes); True if all is mirrored."""
+    def flush(self, timeout_s: float) -> list[int]:
+        """Wait until the bucket holds everything it should (or the timeout passes); the steps it
+        still lacks (empty: all mirrored). An empty answer is never a guess: it is judged against
+        the bucket as listed, and a step whose upload was abandoned counts as missing."""
         deadline = time.monotonic() + timeout_s
-        self.request_sync()
-        with self._cond:
-            while self._requested or self._busy or self.pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.2))
-        return True
+        while True:
+            missing = self.awaiting(self.local.list())
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            with self._cond:
+                self._requested = self._retry_now = True
+                self._cond.notify_all()
+                self._cond.wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
 
-    # -- the mirror thread ------------------------------------------------------------------
+    # -- the mirror thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         retry_s = RETRY_INITIAL_S
         while True:
             with self._cond:
-                while not self._requested and not self._closing:
-                    self._cond.wait()
+                self._cond.wait_for(lambda: self._requested or self._closing)
                 if self._closing:
                     return
                 self._requested, self._busy = False, True
@@ -105,9 +130,9 @@ class Mirror:
             except Exception as exc:  # noqa: BLE001 - the mirror thread must never die quietly
                 self.last_error = str(exc)
                 with self._cond:
-                    self._remote_infos = None  # an abandoned operation may still land: list again
+                    self._listed = False  # an abandoned or failed operation may still land: list again
                 log.warning("mirror to %s failed (%s); retrying in %.1fs", self.remote.url, exc, retry_s)
-                self._sleep_then_retry(retry_s)
+                self._rest(retry_s)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
             finally:
                 with self._cond:
@@ -115,95 +140,108 @@ class Mirror:
                     self._cond.notify_all()
                 self._wake()
 
-    def _sleep_then_retry(self, seconds: float) -> None:
+    def _rest(self, seconds: float) -> None:
+        """Back off after a failure; a stop, a flush or an urgent checkpoint cuts the rest short."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closing, timeout=seconds)
+            self._cond.wait_for(lambda: self._closing or self._retry_now, timeout=seconds)
+            self._retry_now = False
             self._requested = True
 
     def _sync(self) -> None:
-        if self._abandoned:  # operations given up on may have landed since: trust only a fresh listing
-            self._abandoned = [(step, t) for step, t in self._abandoned if t.is_alive()]
+        self._reap_abandoned()
+        if not self._listed:
+            infos = self._timed(self.remote.list, "listing")
             with self._cond:
-                self._remote_infos = None
-        # An abandoned upload still running must finish (or fail) alone: a second upload of the same
-        # step could delete its files while it commits them.
-        busy = {step for step, _ in self._abandoned}
-        if self._remote_infos is None:
-            infos = {c.step: c for c in self._timed(self.remote.list, "listing")}
-            with self._cond:
-                self._remote_infos = infos
+                self._remote, self._listed = {c.step: c for c in infos}, True
             self._timed(lambda: self.remote.collect_garbage(self._stale_after_s), "collecting stale uploads")
-        local = {c.step: c for c in self.local.list() if c.step not in self._skip}
-        wanted = self._wanted({**local, **(self._remote_infos or {})})
-        with self._cond:
-            urgent, self._urgent = self._urgent, None
-            remote = self._remote_infos or {}
-            missing = sorted((s for s in local if s not in remote and s in wanted and s not in busy),
-                             key=lambda s: (s != urgent, -s))
-            self.declined = {s for s in local if s not in remote and s not in wanted}
-            self.pending = missing
-        for step in missing:
-            self._upload(local[step])
-            with self._cond:
-                self.pending = [s for s in self.pending if s != step]
+        self._store_policy()
+        while (info := self._next_upload()) is not None:
+            try:
+                self._upload(info)
+            except _Preempted:
+                continue  # the urgent step is chosen next
             self._wake()
         self._prune_remote()
 
-    def _wanted(self, union: dict[int, CheckpointInfo]) -> set[int]:
-        """The steps the remote policy keeps, judged over everything either tier holds."""
-        plan = plan_retention(list(union.values()), self._policy, datetime.now(timezone.utc),
-                              monitor=self._monitor)  # type: ignore[arg-type]
-        return set(plan.keep)
-
-    def unprotected_steps(self) -> set[int]:
-        """Local steps the local tier may delete: the remote holds them, or does not want them."""
+    def _next_upload(self) -> Optional[CheckpointInfo]:
+        local = {c.step: c for c in self.local.list()}
+        awaiting = self.awaiting(list(local.values()))
         with self._cond:
-            return set(self._remote_infos or {}) | self.declined | self._pruned | self._skip
+            busy = {step for step, thread in self._abandoned if thread.is_alive()}
+            self.pending = awaiting
+            todo = [s for s in awaiting if s not in busy]
+            urgent = [s for s in todo if s in self._urgent]
+        step = urgent[0] if urgent else (todo[0] if todo else None)
+        return None if step is None else local[step]
 
-    def _timed(self, operation: Callable[[], T], what: str, step: Optional[int] = None) -> T:
-        """Run one remote operation with a deadline. Client timeouts do not cover every stall (a server
-        that accepts connections but never answers), so the operation runs in a helper thread; one
-        that overruns is abandoned (it finishes or fails on its own) and the sync is retried later."""
-        outcome: dict[str, Any] = {}
+    def _urgent_waiting(self, besides: Optional[int]) -> bool:
+        with self._cond:
+            return any(s != besides and s not in self._remote for s in self._urgent)
 
-        def call() -> None:
-            try:
-                outcome["value"] = operation()
-            except BaseException as exc:  # handed back to the mirror thread below
-                outcome["error"] = exc
+    def _reap_abandoned(self) -> None:
+        with self._cond:
+            finished = [entry for entry in self._abandoned if not entry[1].is_alive()]
+            if finished:
+                self._abandoned = [entry for entry in self._abandoned if entry[1].is_alive()]
+                self._listed = False  # what they did (or not) shows only in a fresh listing
 
-        helper = threading.Thread(target=call, name="savegame-mirror-op", daemon=True)
-        helper.start()
-        helper.join(self._op_timeout_s)
-        if helper.is_alive():
-            self._abandoned.append((step, helper))
-            raise StorageError(f"{self.remote.url}: {what} took longer than {self._op_timeout_s:g}s")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+    def _timed(self, operation: Callable[..., T], what: str, step: Optional[int] = None,
+               timeout_s: Optional[float] = None, preemptible: bool = False) -> T:
+        """One remote operation with a deadline (an overrun is abandoned and the view listed again).
+        A `preemptible` one (it gets a `cancelled` callable) is set aside, and told to stop, as soon
+        as an urgent step waits."""
+        try:
+            return call_with_deadline(
+                (lambda cancelled: operation(cancelled)) if preemptible else (lambda cancelled: operation()),
+                timeout_s or self._call_timeout_s, f"{self.remote.url}: {what}",
+                set_aside=(lambda: self._urgent_waiting(step)) if preemptible else (lambda: False))
+        except Abandoned as exc:
+            with self._cond:
+                self._abandoned.append((step, exc.thread))
+            if exc.set_aside:
+                raise _Preempted() from None
+            raise
+
+    def _store_policy(self) -> None:
+        with self._cond:
+            config = self._config
+        if config is None:
+            return
+        record = policy_record(config)
+        if record != self._stored_policy:
+            self._timed(lambda: write_policy(self.remote, config), "storing the run's policy")
+            self._stored_policy = record
 
     def _upload(self, info: CheckpointInfo) -> None:
         started = time.monotonic()
+        urgent = info.step in self._urgent
         try:
-            copied = self._timed(lambda: copy_checkpoint(self.local, info, self.remote), f"uploading step {info.step}",
-                                 step=info.step)
+            copied = self._timed(lambda cancelled: copy_checkpoint(self.local, info, self.remote, cancelled=cancelled),
+                                 f"uploading step {info.step}", step=info.step, timeout_s=self._upload_timeout_s,
+                                 preemptible=not urgent)
         except CheckpointExists:  # an earlier attempt committed it, or the step holds something else
             copied = self._same_on_remote(info)
             if copied is None:
                 return
         except CorruptCheckpoint as exc:
-            log.error("not mirroring step %d, it is damaged: %s", info.step, exc)
-            self._skip.add(info.step)
-            try:
-                self.local.quarantine(info.step, f"damaged, found while mirroring: {exc}")
-            except StorageError as error:
-                log.error("cannot quarantine step %d: %s", info.step, error)
+            self._unmirrorable(info.step, f"damaged, found while mirroring: {exc}")
             return
+        except _Preempted:
+            log.info("mirror: setting step %d aside for an urgent checkpoint", info.step)
+            raise
         with self._cond:
-            assert self._remote_infos is not None
-            self._remote_infos[info.step] = copied
+            self._remote[info.step] = copied
         self.last_upload = (info.step, time.time())
         log.info("mirrored step %d to %s in %.1fs", info.step, self.remote.url, time.monotonic() - started)
+
+    def _unmirrorable(self, step: int, why: str) -> None:
+        log.error("not mirroring step %d: %s", step, why)
+        with self._cond:
+            self._skip.add(step)
+        try:
+            self.local.quarantine(step, why)
+        except StorageError as error:
+            log.error("cannot quarantine step %d: %s", step, error)
 
     def _same_on_remote(self, info: CheckpointInfo) -> Optional[CheckpointInfo]:
         """The remote checkpoint at this step if it is this very checkpoint, else None (and never again)."""
@@ -214,17 +252,19 @@ class Mirror:
         why = "is quarantined" if remote is None else "holds a different checkpoint (another timeline)"
         log.error("not mirroring step %d: the bucket's step %d %s; local retention decides on it alone",
                   info.step, info.step, why)
-        self._skip.add(info.step)
+        with self._cond:
+            self._skip.add(info.step)
         return None
 
     def _prune_remote(self) -> None:
-        listing = self.remote_listing()
-        plan = plan_retention(listing, self._policy, datetime.now(timezone.utc),
-                              monitor=self._monitor)  # type: ignore[arg-type]
+        with self._cond:
+            config, listing = self._config, sorted(self._remote.values(), key=lambda c: c.step)
+        if config is None:
+            return  # the run's policy is not known yet: nothing is deleted from the bucket
+        plan = plan_retention(listing, config.retention("mirror"), datetime.now(timezone.utc),
+                              monitor=config.monitor)  # type: ignore[arg-type]
         for step in plan.delete:
             self._timed(lambda: self.remote.delete(step), f"deleting step {step}")
             with self._cond:
-                assert self._remote_infos is not None
-                self._remote_infos.pop(step, None)
-                self._pruned.add(step)  # the remote does not want it: the local tier may let it go
+                self._remote.pop(step, None)
             log.info("mirror retention: deleted step %d from %s", step, self.remote.url)

@@ -1,12 +1,21 @@
-"""The worker process: started in its own process group with the contract environment."""
+"""The worker process: started in its own process group with the contract environment.
+
+It inherits the run folder's lock (so the folder stays locked while any of its processes lives,
+even when the daemon is killed) and writes its output into files the daemon owns (so a dropped
+terminal or a dead daemon never breaks its `print`). The daemon signals the processes that
+announced themselves, and kills the whole tree: the group, and descendants in other sessions
+(torchrun starts its ranks in sessions of their own).
+"""
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from savegame import protocol
 from savegame.errors import ConfigError
@@ -14,6 +23,7 @@ from savegame.errors import ConfigError
 log = logging.getLogger("savegame")
 # systemd's variables are the daemon's own: a worker that spoke sd_notify would confuse systemd.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+ENV_DAEMON_PID = "SAVEGAME_DAEMON_PID"  # so a worker can tell whether its parent is the daemon
 
 
 def worker_env(base: Mapping[str, str], run_dir: str, resume_from: Optional[str], run_id: str, attempt: int,
@@ -21,60 +31,125 @@ def worker_env(base: Mapping[str, str], run_dir: str, resume_from: Optional[str]
     env = {k: v for k, v in base.items() if k not in PRIVATE_ENV}
     env.update({protocol.ENV_DIR: run_dir, protocol.ENV_RESUME_FROM: resume_from or "",
                 protocol.ENV_RUN_ID: run_id, protocol.ENV_ATTEMPT: str(attempt), protocol.ENV_EVENTS: events,
-                protocol.ENV_CONFIG: settings_path, protocol.ENV_PROGRESS: progress_path})
+                protocol.ENV_CONFIG: settings_path, protocol.ENV_PROGRESS: progress_path,
+                ENV_DAEMON_PID: str(os.getpid())})
     return env
 
 
-class WorkerProcess:
-    """One running worker. The daemon signals its main process, or kills its whole group."""
+def check_command(command: Sequence[str], env: Mapping[str, str]) -> None:
+    """A command that cannot run at all is a configuration error, said before anything starts."""
+    program = command[0]
+    if os.sep in program:
+        if not os.path.exists(program):
+            raise ConfigError(f"command not found: {program!r}; check the command after --")
+        if not os.access(program, os.X_OK) or os.path.isdir(program):
+            raise ConfigError(f"command not executable: {program!r}")
+    elif shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        raise ConfigError(f"command not found: {program!r}; check the command after --")
 
-    def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
+
+class SpawnError(OSError):
+    """The worker could not be started (fork failed, the program vanished): worth retrying later."""
+
+
+class WorkerProcess:
+    """One running worker and everything it starts."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str], *, keep_fds: Iterable[int] = (),
+                 stdout: Optional[int] = None, stderr: Optional[int] = None) -> None:
         try:
             self._popen = subprocess.Popen(list(command), env=dict(env), stdin=subprocess.DEVNULL,
-                                           process_group=0, close_fds=True)
-        except FileNotFoundError:
-            raise ConfigError(f"command not found: {command[0]!r}; check the command after --") from None
-        except PermissionError:
-            raise ConfigError(f"command not executable: {command[0]!r}") from None
-        except OSError as exc:  # e.g. a script without a #! line (ENOEXEC)
-            raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}; run it through its "
-                              "interpreter (python train.py) or give it a #! line") from None
+                                           stdout=stdout, stderr=stderr, process_group=0, close_fds=True,
+                                           pass_fds=tuple(keep_fds))
+        except OSError as exc:
+            raise SpawnError(exc.errno or errno.EIO, f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
         self.pid = self._popen.pid
         self.pgid = self.pid  # process_group=0 makes the worker its group's leader
         self._owned: dict[int, bool] = {}
+        self.known: set[int] = {self.pid}  # every process of it seen so far (to kill after its parent died)
+        self._status: Optional[tuple[Optional[int], Optional[int]]] = None
 
     def owns(self, pid: int) -> bool:
-        """Whether `pid` is one of this worker's processes: in its process group, or a descendant
-        (torchrun starts its ranks in sessions of their own)."""
+        """Whether `pid` is one of this worker's processes: in its process group, or a descendant."""
         if pid == self.pid:
             return True
         known = self._owned.get(pid)
         if known is None:
             known = self._owned[pid] = _in_group(pid, self.pgid) or _descends_from(pid, self.pid)
+            if known:
+                self.known.add(pid)
         return known
 
     def poll(self) -> Optional[tuple[Optional[int], Optional[int]]]:
-        """(exit code, None) or (None, signal) once it has exited; None while it runs."""
-        code = self._popen.poll()
-        if code is None:
-            return None
-        return (code, None) if code >= 0 else (None, -code)
+        """(exit code, None) once it has exited, (None, signal) when a signal ended it; None while it runs."""
+        if self._status is None:
+            reap_children(self)
+        return self._status
 
-    def send(self, signum: int) -> None:
-        try:
-            os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
+    def exited(self, wait_status: int) -> None:
+        code = os.waitstatus_to_exitcode(wait_status)
+        self._popen.returncode = code  # reaped here, not by Popen
+        self._status = (code, None) if code >= 0 else (None, -code)
 
-    def kill_group(self) -> None:
-        """SIGKILL everything in the worker's group (its DataLoader children too)."""
+    def send(self, signum: int, pids: Iterable[int] = ()) -> None:
+        """A signal to the announced processes (`pids`), or to the main process when none announced."""
+        for pid in set(pids) or {self.pid}:
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill_tree(self) -> None:
+        """SIGKILL the worker's group, and every descendant in another group or session (including
+        those whose parent died: the daemon is their subreaper)."""
+        self.known.update(descendants(self.pid) | descendants(os.getpid()))
+        groups = {self.pgid}
+        for pid in self.known:
+            try:
+                groups.add(os.getpgid(pid))
+            except OSError:
+                pass
+        for pgid in groups:
+            if pgid == os.getpgrp():
+                continue  # never the daemon's own group
+            _kill_group(pgid)
+        for pid in self.known:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants of the worker become the daemon's children, so it can find and kill
+    them (Linux PR_SET_CHILD_SUBREAPER; False where that is not available)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_children(worker: Optional[WorkerProcess]) -> None:
+    """Collect every exited child: the worker's status goes to it, orphans that ended are let go."""
+    while True:
         try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                log.warning("cannot kill process group %d: %s", self.pgid, exc)
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if worker is not None and pid == worker.pid:
+            worker.exited(status)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            log.warning("cannot kill process group %d: %s", pgid, exc)
 
 
 def _in_group(pid: int, pgid: int) -> bool:
@@ -104,3 +179,20 @@ def _descends_from(pid: int, ancestor: int, max_depth: int = 64) -> bool:
             return True
         pid = parent
     return False
+
+
+def descendants(root: int) -> set[int]:
+    """Every process below `root` now (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            parent = parent_of(int(name))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found

@@ -1,67 +1,179 @@
-"""The run folder and its mirror: opened, checked, locked (one daemon per folder), and its run id."""
+"""The run folder and its mirror: opened, checked, locked (one writer per folder), and its run id.
+
+The lock is a flock on `.savegame/daemon.lock` that the worker inherits: the folder stays locked
+while any process of the run lives, even after the daemon was killed. A new daemon that finds the
+lock held by the orphans of a dead one waits for them to finish their emergency checkpoint (they
+learn of the death and stop on their own), then kills what is left.
+"""
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import logging
 import os
+import signal
+import time
 import uuid
+from typing import Any, Optional
 
 from savegame.config import RunConfig
 from savegame.daemon.status import STATUS_DIR
-from savegame.errors import ConfigError, StorageError
+from savegame.errors import ConfigError, MalformedInput, StorageError
 from savegame.storage import CheckpointStore
+from savegame.storage.local import process_alive
+from savegame.untrusted import load_json, read_regular_file
 
 log = logging.getLogger("savegame")
+LOCK_FILE = "daemon.lock"
+ORPHAN_POLL_S = 0.2
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def open_run_folder(path: str) -> CheckpointStore:
     store = CheckpointStore(path)
     if not store.is_local:
         raise ConfigError(f"--dir must be a local folder, not {store.url}; use --mirror for object storage")
+    folder = os.path.join(store.location.path, STATUS_DIR)
     try:
-        os.makedirs(os.path.join(store.location.path, STATUS_DIR), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe.{os.getpid()}")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"savegame")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"cannot create the run folder {store.location.path}: {exc.strerror}") from None
+        raise folder_error(store.location.path, exc) from None
     return store
 
 
-def open_mirror(config: RunConfig) -> CheckpointStore:
+def folder_error(path: str, exc: OSError) -> Exception:
+    """A run folder that cannot be written: a configuration error when it is read-only or not ours,
+    an I/O error (worth retrying later) when the disk is full."""
+    if exc.errno in _FULL:
+        return StorageError(exc.errno, f"the run folder {path} is on a full disk ({exc.strerror}): "
+                                       "free some space (or keep fewer checkpoints), then start again")
+    if exc.errno in _READ_ONLY:
+        return ConfigError(f"the run folder {path} is not writable ({exc.strerror}): fix its permissions "
+                           "or mount, or give another --dir")
+    return ConfigError(f"cannot use the run folder {path}: {exc.strerror or exc}")
+
+
+def open_mirror(config: RunConfig, run_dir: str) -> CheckpointStore:
+    """The mirror's store. Its reachability is the start-up's business (with a deadline)."""
     remote = CheckpointStore(config["mirror"], config["storage"])
-    if remote.is_local:
-        return remote  # a second local folder (another disk) is a fine mirror too
-    try:
-        reachable = remote.exists()
-    except StorageError as exc:
-        log.warning("the mirror %s is not reachable now (%s); uploads will retry", remote.url, exc)
-        return remote
-    if not reachable:
-        raise ConfigError(f"the mirror {remote.url} does not exist: create the bucket first")
+    if remote.is_local and _same_or_inside(remote.location.path, run_dir):
+        raise ConfigError(f"mirror = {remote.url!r} is the run folder itself (or inside it); give another "
+                          "disk or a bucket")
     return remote
 
 
-def lock_run_folder(run_dir: str) -> int:
-    """One daemon per run folder: two would fight over the worker, retention and the mirror."""
-    fd = os.open(os.path.join(run_dir, STATUS_DIR, "daemon.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def _same_or_inside(mirror: str, run_dir: str) -> bool:
+    mirror, run_dir = os.path.realpath(mirror), os.path.realpath(run_dir)
+    if mirror == run_dir or mirror.startswith(run_dir.rstrip(os.sep) + os.sep):
+        return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ConfigError(f"another `savegame run` (pid {holder}) already supervises {run_dir}; "
-                          "stop it first, or use another --dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd  # held until the process exits
+        return os.path.samefile(mirror, run_dir)
+    except OSError:
+        return False
+
+
+class RunLock:
+    """One writer per run folder; held by the daemon and inherited by its workers."""
+
+    def __init__(self, run_dir: str, wait_for_orphans_s: float) -> None:
+        path = os.path.join(run_dir, STATUS_DIR, LOCK_FILE)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise folder_error(run_dir, exc) from None
+        self.run_dir = run_dir
+        if not self._try():
+            self._wait_for_orphans(wait_for_orphans_s)
+        self.record(worker=None)
+
+    def record(self, worker: Optional[int]) -> None:
+        """Who holds the lock: this daemon, and its worker's process group."""
+        data = json.dumps({"daemon": os.getpid(), "worker": worker}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def _try(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _holder(self) -> dict[str, Any]:
+        raw = os.pread(self.fd, 256, 0)
+        try:
+            holder = load_json(raw, what="the lock file", max_bytes=256, max_depth=2)
+        except MalformedInput:
+            holder = raw.decode(errors="replace").strip()  # an older savegame wrote just its pid
+        if isinstance(holder, str) and holder.isdigit():
+            holder = {"daemon": int(holder)}
+        return holder if isinstance(holder, dict) else {}
+
+    def _wait_for_orphans(self, seconds: float) -> None:
+        holder = self._holder()
+        daemon, worker = _pid(holder.get("daemon")), _pid(holder.get("worker"))
+        if daemon is not None and daemon != os.getpid() and process_alive(daemon):
+            os.close(self.fd)
+            raise ConfigError(f"another `savegame run` (pid {daemon}) already supervises {self.run_dir}; "
+                              "stop it first, or use another --dir")
+        log.warning("the workers of a daemon that is gone (pid %s) still hold %s: waiting up to %gs for them to "
+                    "commit their emergency checkpoint and exit", daemon or "?", self.run_dir, seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._try():
+                return
+            time.sleep(ORPHAN_POLL_S)
+        if worker is not None:
+            log.warning("killing the leftover worker process group %d", worker)
+            try:
+                os.killpg(worker, signal.SIGKILL)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self._try():
+                return
+            time.sleep(ORPHAN_POLL_S)
+        os.close(self.fd)
+        raise ConfigError(f"{self.run_dir} is still held by processes of an earlier run; find them with "
+                          f"`fuser {os.path.join(self.run_dir, STATUS_DIR, LOCK_FILE)}` and stop them")
+
+
+def _pid(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 22 else None
+
+
+RUN_ID_FILE = "run_id"
 
 
 def run_id_of(run_dir: str) -> str:
     """One id per run folder, kept across daemon restarts (a reboot continues the same run)."""
-    path = os.path.join(run_dir, STATUS_DIR, "run_id")
+    path = os.path.join(run_dir, STATUS_DIR, RUN_ID_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        run_id = read_regular_file(path, 64).decode("ascii", errors="replace").strip()
+        if run_id.isalnum() and len(run_id) <= 32:
+            return run_id
+        log.warning("ignoring a malformed run id in %s", path)
     except FileNotFoundError:
-        run_id = uuid.uuid4().hex[:12]
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(run_id)
-        return run_id
+        pass
+    except (OSError, MalformedInput) as exc:
+        log.warning("cannot read the run id (%s); starting a new one", exc)
+    run_id = uuid.uuid4().hex[:12]
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, run_id.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return run_id

@@ -1,19 +1,26 @@
-"""The daemon's status file: written atomically in the run folder, read by `savegame status`."""
+"""The daemon's status file: written atomically in the run folder, read by `savegame status`.
+
+It holds nothing secret (the mirror's URL is the redacted one, no storage options), is never
+written through a symlink, and is read through the strict parser: a status file with wrong types
+shows as "?" rather than a traceback.
+"""
 from __future__ import annotations
 
 import json
 import os
 import time
+import uuid
 from typing import Any, Mapping, Optional
 
+from savegame.errors import MalformedInput
 from savegame.storage.local import process_alive
+from savegame.untrusted import load_json, read_regular_file
 
 STATUS_DIR = ".savegame"
 STATUS_FILE = "status.json"
-TERMINAL_STATES = ("succeeded", "stopped", "failed")
-
-
 SETTINGS_FILE = "settings.json"
+TERMINAL_STATES = ("succeeded", "stopped", "failed")
+MAX_STATUS_BYTES = 1 << 20
 
 
 def status_path(run_dir: str) -> str:
@@ -24,69 +31,82 @@ def settings_path(run_dir: str) -> str:
     return os.path.join(run_dir, STATUS_DIR, SETTINGS_FILE)
 
 
-def _write_json(path: str, data: Mapping[str, Any]) -> None:
-    """Replace a small JSON file atomically (write a temporary file, then rename)."""
+def write_json_file(path: str, data: Mapping[str, Any]) -> None:
+    """Replace a small JSON file atomically; the temporary file is new (never a planted link)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(data), f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Optional[dict[str, Any]]:
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(data), f, indent=1, default=str, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json_file(path: str) -> Optional[dict[str, Any]]:
+    """A small JSON object from a regular file; None when it is missing, unreadable or malformed."""
+    try:
+        data = load_json(read_regular_file(path, MAX_STATUS_BYTES), what=path, max_bytes=MAX_STATUS_BYTES)
+    except (OSError, MalformedInput):
         return None
     return data if isinstance(data, dict) else None
 
 
 def write_status(run_dir: str, status: Mapping[str, Any]) -> None:
-    _write_json(status_path(run_dir), {**status, "updated": time.time()})
+    write_json_file(status_path(run_dir), {**status, "updated": time.time()})
 
 
 def read_status(run_dir: str) -> Optional[dict[str, Any]]:
-    return _read_json(status_path(run_dir))
+    return read_json_file(status_path(run_dir))
 
 
 def write_worker_settings(run_dir: str, settings: Mapping[str, Any]) -> str:
-    """The settings the user gave the daemon, for the worker (SAVEGAME_CONFIG) and for ls/prune."""
-    _write_json(settings_path(run_dir), settings)
+    """The settings the user gave the daemon, for the worker (SAVEGAME_CONFIG)."""
+    write_json_file(settings_path(run_dir), settings)
     return settings_path(run_dir)
 
 
-def read_worker_settings(run_dir: str) -> Optional[dict[str, Any]]:
-    return _read_json(settings_path(run_dir))
-
-
-def _age(then: Optional[float], now: float) -> str:
-    if not then:
+def _age(then: Any, now: float) -> str:
+    if not isinstance(then, (int, float)) or isinstance(then, bool) or not then:
         return "-"
     seconds = max(now - then, 0)
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.1f}m ago"
 
 
+def _table(status: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = status.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str:
     now = time.time() if now is None else now
-    state = status.get("state", "?")
-    if state not in TERMINAL_STATES and not (status.get("daemon_pid") and process_alive(status["daemon_pid"])):
+    state = str(status.get("state", "?"))
+    daemon = status.get("daemon_pid")
+    if state not in TERMINAL_STATES and not (isinstance(daemon, int) and 0 < daemon < 1 << 22 and process_alive(daemon)):
         state += " (the daemon is not running)"
-    ckpt = status.get("last_checkpoint") or {}
-    beat = status.get("heartbeat") or {}
-    mirror = status.get("mirror") or {}
-    restarts = status.get("restarts") or {}
+    ckpt, beat, mirror, restarts = (_table(status, k) for k in ("last_checkpoint", "heartbeat", "mirror", "restarts"))
     lines = [
         f"state:           {state}  ({status.get('reason', '')})",
-        f"worker:          pid {status.get('worker_pid') or '-'}, attempt {status.get('attempt', 0)}",
+        f"worker:          pid {status.get('worker_pid') or '-'}, attempt {status.get('attempt', 0)}"
+        + ("" if status.get("worker_ready", True) else " (starting)"),
         f"restarts:        {', '.join(f'{k} {v}' for k, v in sorted(restarts.items())) or 'none'}",
         "last checkpoint: " + (f"step {ckpt.get('step')} ({ckpt.get('reason')}), {_age(ckpt.get('time'), now)}"
                                 if ckpt else "none yet"),
-        "last heartbeat:  " + (f"step {beat.get('step')}, {beat.get('steps_per_s') or 0:.2f} steps/s, "
+        "last heartbeat:  " + (f"step {beat.get('step')}, {_num(beat.get('steps_per_s')):.2f} steps/s, "
                                 f"{_age(beat.get('time'), now)}" if beat else "none yet"),
     ]
     if mirror:
         lines.append(f"mirror:          {mirror.get('url')}: {mirror.get('pending', 0)} pending, last confirmed "
-                     f"step {mirror.get('confirmed_step', '-')}, lag {mirror.get('lag_s') or 0:.1f}s")
+                     f"step {mirror.get('confirmed_step', '-')}, lag {_num(mirror.get('lag_s')):.1f}s")
+        if mirror.get("missing"):
+            lines.append(f"                 NOT IN THE MIRROR: steps {mirror.get('missing')}")
     return "\n".join(lines)
-

@@ -15,9 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, BinaryIO, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
-from savegame.errors import CheckpointNotFound, CorruptCheckpoint, SavegameError, StorageError
+from savegame.errors import Cancelled, CheckpointNotFound, CorruptCheckpoint, SavegameError, StorageError
 from savegame.storage.backends import FolderEntry, Staging, make_backend, storage_error
 from savegame.storage.checksum import CHUNK, Hasher, checksum_stream, is_supported
 from savegame.storage.location import Location, parse_location
@@ -343,23 +343,29 @@ class CheckpointStore:
         return removed
 
 
-def copy_checkpoint(source: CheckpointStore, info: CheckpointInfo, dest: CheckpointStore) -> CheckpointInfo:
-    """Copy one committed checkpoint to another store, verifying every byte on the way; manifest last."""
+def copy_checkpoint(source: CheckpointStore, info: CheckpointInfo, dest: CheckpointStore,
+                    cancelled: Callable[[], bool] = lambda: False) -> CheckpointInfo:
+    """Copy one committed checkpoint to another store, verifying every byte on the way; manifest last.
+
+    `cancelled()` is asked between chunks: when it says so, the copy is aborted (Cancelled)."""
     staged = dest.begin(info.step)
     with staged:
         for entry in info.manifest.files:
-            _copy_file(source, info, entry, staged)
+            _copy_file(source, info, entry, staged, cancelled)
         manifest = info.manifest
         return staged.commit(epoch=manifest.epoch, reason=manifest.reason, metrics=manifest.metrics,
                              framework=manifest.framework, run_id=manifest.run_id,
                              resumed_from=manifest.resumed_from, created=manifest.created)
 
 
-def _copy_file(source: CheckpointStore, info: CheckpointInfo, entry: FileEntry, staged: StagedCheckpoint) -> None:
+def _copy_file(source: CheckpointStore, info: CheckpointInfo, entry: FileEntry, staged: StagedCheckpoint,
+               cancelled: Callable[[], bool]) -> None:
     checked = Hasher()
     with source.open_file(info, entry.path) as src, staged.open(entry.path) as dst:
         with _mapped(f"{info.path}: reading {entry.path}"):
             while True:
+                if cancelled():
+                    raise Cancelled(f"copying {info.path} to {staged.store.url} was cancelled")
                 chunk = src.read(CHUNK)
                 if not chunk:
                     break

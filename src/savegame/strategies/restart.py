@@ -1,25 +1,32 @@
 """When to restart a dead worker: backoff, a budget per time window, and the same-step rule.
 
 Pure: the daemon keeps the failure history and passes the clock in.
-- Stops and preemptions never spend the budget (like submitit: a preemption is not a failure).
+- Stops and preemptions never spend the budget (like submitit: a preemption is not a failure), but
+  preemptions that follow each other quickly back off too: a worker that always exits 75 is not
+  restarted hundreds of times a second.
 - Failures back off exponentially, capped; more than `max_restarts` in `window_s` gives up.
-- A worker that dies again and again at the same step falls back one checkpoint, once; if it
-  still dies there, the run gives up.
+- A worker that dies again and again right after loading the same checkpoint falls back one
+  checkpoint, once; if it still does, the run gives up. Only such deaths count against a
+  checkpoint (`Failure.step` is set for them alone): one that died before loading (a missing
+  dataset) or after making progress says nothing about the checkpoint.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
-Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint"]
-FAILURE_CAUSES = ("crash", "killed", "hang", "bad-checkpoint")
+Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint", "spawn"]
+FAILURE_CAUSES = ("crash", "killed", "hang", "bad-checkpoint", "spawn")
+
+
+PREEMPTION_WINDOW_S = 60.0  # preemptions closer than this to each other back off
 
 
 @dataclass(frozen=True)
 class Failure:
     time: float  # monotonic seconds
     cause: Cause
-    step: Optional[int]  # the last step the worker reported, or the step it resumed from
+    step: Optional[int]  # the checkpoint it died right after loading (None: not about a checkpoint)
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,10 @@ def decide(policy: RestartPolicy, failures: Sequence[Failure], now: float, fell_
     """What to do after the last entry of `failures` (oldest first). `fell_back`: already done once."""
     last = failures[-1]
     if last.cause == "preempted":
-        return Decision("restart", 0.0, "preempted: restart at once, not counted against the budget")
+        quick = [f for f in failures if f.cause == "preempted" and now - f.time <= PREEMPTION_WINDOW_S]
+        delay = _backoff(policy, len(quick))
+        return Decision("restart", delay, "preempted: not counted against the budget"
+                        + (f" ({len(quick)} preemptions within {PREEMPTION_WINDOW_S:g}s: backing off)" if delay else ""))
     recent = [f for f in failures if f.cause in FAILURE_CAUSES and now - f.time <= policy.window_s]
     if len(recent) > policy.max_restarts:
         return Decision("give-up", 0.0, f"{len(recent)} failures within {policy.window_s:.0f}s "
@@ -51,10 +61,10 @@ def decide(policy: RestartPolicy, failures: Sequence[Failure], now: float, fell_
     stuck = _stuck_step(recent, policy.same_step_limit)
     if stuck is not None:
         if fell_back:
-            return Decision("give-up", 0.0, f"the worker keeps failing at step {stuck}, even after "
-                                            "falling back one checkpoint")
+            return Decision("give-up", 0.0, f"the worker keeps dying right after loading its checkpoint "
+                                            f"(step {stuck}), even after falling back one checkpoint")
         return Decision("fallback", _backoff(policy, len(recent)),
-                        f"the worker failed {policy.same_step_limit} times at step {stuck}: "
+                        f"the worker died {policy.same_step_limit} times right after loading step {stuck}: "
                         "falling back one checkpoint")
     return Decision("restart", _backoff(policy, len(recent)), f"{last.cause} ({len(recent)} of "
                                                                f"{policy.max_restarts} in the window)")

@@ -4,7 +4,9 @@ Each policy answers "which steps do I keep, and why". `plan_retention` combines 
 invariants that hold whatever the policy says, in this one place:
 - the newest committed checkpoint is kept;
 - the best one by the monitored metric is kept;
-- protected checkpoints are kept (the resume source, those the mirror has not confirmed).
+- protected checkpoints are kept (the resume source, those the mirror has not confirmed);
+- when no metric is known, every checkpoint saved as "best" is kept: a policy that does not know
+  what "best" means must not delete what was best by some metric.
 Only committed checkpoints are ever passed in, so nothing uncommitted can be chosen for deletion.
 """
 from __future__ import annotations
@@ -153,6 +155,10 @@ def plan_retention(checkpoints: Sequence[Checkpoint], policy: RetentionPolicy, n
         ranked = rank_by_metric(checkpoints, monitor[0], monitor[1])
         if ranked:
             add(ranked[0].step, f"best {monitor[0]}")
+    else:
+        for c in checkpoints:
+            if getattr(c, "reason", None) == "best":
+                add(c.step, "saved as best (the metric is not known here)")
     for step, why in (protected or {}).items():
         add(step, why)
     delete = sorted(step for step in by_step if step not in keep)
