@@ -16,6 +16,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,7 +48,8 @@ class FaultProxy:
         self._site: Optional[web.TCPSite] = None
         self._runner: Optional[web.AppRunner] = None
         self._session: Optional[ClientSession] = None
-        self._open_transports: set = set()
+        self._open_transports: weakref.WeakSet = weakref.WeakSet()
+        self._closing = False
         self._free_at = {"up": 0.0, "down": 0.0}  # a shared link per direction: when it is free again
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -63,6 +65,7 @@ class FaultProxy:
 
     def close(self) -> None:
         self.stall = False
+        self._closing = True
         self._call(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
@@ -106,11 +109,11 @@ class FaultProxy:
         await self._site.start()
 
     async def _close_site(self) -> None:
+        for transport in list(self._open_transports):
+            transport.abort()
         if self._site is not None:
             await self._site.stop()
             self._site = None
-        for transport in list(self._open_transports):
-            transport.abort()
 
     async def _stop(self) -> None:
         await self._close_site()
@@ -128,13 +131,9 @@ class FaultProxy:
         return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        transport = request.transport
-        if transport is not None:
-            self._open_transports.add(transport)
-        try:
-            return await self._forward(request)
-        finally:
-            self._open_transports.discard(transport)
+        if request.transport is not None:
+            self._open_transports.add(request.transport)  # kept: refuse() cuts idle keep-alive ones too
+        return await self._forward(request)
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         self.seen.append((request.method, request.path))
@@ -147,7 +146,11 @@ class FaultProxy:
                     request.transport.abort()
                 raise asyncio.CancelledError
             if rule.action == "stall":
-                await asyncio.sleep(3600)
+                while rule in self.rules and not self._closing:
+                    await asyncio.sleep(0.05)
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError
             return web.Response(status=int(rule.action), text="<Error><Code>SlowDown</Code></Error>",
                                 headers={"Connection": "close"})
         body = await self._read_body(request)

@@ -51,7 +51,8 @@ class Mirror:
         self._stored_policy: Optional[dict[str, Any]] = None  # the record the bucket holds
         self._urgent: set[int] = set()
         self._requested = True
-        self._retry_now = False
+        self._retry_now = False  # cut the current backoff short (an urgent step, a flush beginning)
+        self._flushing = False  # the daemon waits for the bucket: failed passes are retried quickly
         self._closing = False
         self._busy = False
         self._remote: dict[int, CheckpointInfo] = {}  # what the bucket holds, as last listed
@@ -100,12 +101,15 @@ class Mirror:
         still lacks (empty: all mirrored). An empty answer is never a guess: it is judged against
         the bucket as listed, and a step whose upload was abandoned counts as missing."""
         deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._flushing = self._retry_now = self._requested = True
+            self._cond.notify_all()
         while True:
             missing = self.awaiting(self.local.list())
             if not missing or time.monotonic() >= deadline:
                 return missing
             with self._cond:
-                self._requested = self._retry_now = True
+                self._requested = True  # a pass starts as soon as the thread is free
                 self._cond.notify_all()
                 self._cond.wait(min(0.2, max(0.0, deadline - time.monotonic())))
 
@@ -131,8 +135,9 @@ class Mirror:
                 self.last_error = str(exc)
                 with self._cond:
                     self._listed = False  # an abandoned or failed operation may still land: list again
-                log.warning("mirror to %s failed (%s); retrying in %.1fs", self.remote.url, exc, retry_s)
-                self._rest(retry_s)
+                rest = FLUSH_RETRY_S if self._flushing else retry_s
+                log.warning("mirror to %s failed (%s); retrying in %.1fs", self.remote.url, exc, rest)
+                self._rest(rest)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
             finally:
                 with self._cond:
@@ -185,16 +190,17 @@ class Mirror:
                 self._abandoned = [entry for entry in self._abandoned if entry[1].is_alive()]
                 self._listed = False  # what they did (or not) shows only in a fresh listing
 
-    def _timed(self, operation: Callable[..., T], what: str, step: Optional[int] = None,
-               timeout_s: Optional[float] = None, preemptible: bool = False) -> T:
-        """One remote operation with a deadline (an overrun is abandoned and the view listed again).
-        A `preemptible` one (it gets a `cancelled` callable) is set aside, and told to stop, as soon
-        as an urgent step waits."""
+    def _timed(self, operation: Callable[[], T], what: str) -> T:
+        """One small remote operation with a deadline (an overrun is abandoned, the view listed again)."""
+        return self._deadlined(lambda cancelled: operation(), what, None, self._call_timeout_s, urgent=True)
+
+    def _deadlined(self, operation: Callable[[Callable[[], bool]], T], what: str, step: Optional[int],
+                   timeout_s: float, urgent: bool) -> T:
+        """`operation(cancelled)` with a deadline. One that is not `urgent` is also set aside, and told
+        to stop, as soon as an urgent step waits."""
         try:
-            return call_with_deadline(
-                (lambda cancelled: operation(cancelled)) if preemptible else (lambda cancelled: operation()),
-                timeout_s or self._call_timeout_s, f"{self.remote.url}: {what}",
-                set_aside=(lambda: self._urgent_waiting(step)) if preemptible else (lambda: False))
+            return call_with_deadline(operation, timeout_s, f"{self.remote.url}: {what}",
+                                      set_aside=(lambda: False) if urgent else (lambda: self._urgent_waiting(step)))
         except Abandoned as exc:
             with self._cond:
                 self._abandoned.append((step, exc.thread))
@@ -216,9 +222,8 @@ class Mirror:
         started = time.monotonic()
         urgent = info.step in self._urgent
         try:
-            copied = self._timed(lambda cancelled: copy_checkpoint(self.local, info, self.remote, cancelled=cancelled),
-                                 f"uploading step {info.step}", step=info.step, timeout_s=self._upload_timeout_s,
-                                 preemptible=not urgent)
+            copied = self._deadlined(lambda cancelled: copy_checkpoint(self.local, info, self.remote, cancelled=cancelled),
+                                     f"uploading step {info.step}", info.step, self._upload_timeout_s, urgent)
         except CheckpointExists:  # an earlier attempt committed it, or the step holds something else
             copied = self._same_on_remote(info)
             if copied is None:

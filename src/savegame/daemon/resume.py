@@ -20,7 +20,8 @@ from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.strategies import resume_candidates
 
 log = logging.getLogger("savegame")
-LIST_TIMEOUT_S = 15.0
+LIST_TIMEOUT_S = 15.0  # how long to wait for the bucket when only it can serve the resume
+QUICK_LIST_S = 3.0  # ... and when local checkpoints could serve it: a slow bucket must not hold it up
 
 
 class MirrorUnreachable(StorageError):
@@ -48,7 +49,7 @@ class ResumeChooser:
         """The latest (or best) valid checkpoint, leaving out the steps in `exclude`."""
         skipped = set(exclude)
         local = {c.step: c for c in self.local.list() if c.step not in skipped}
-        remote, problem = self._remote_list()
+        remote, problem = self._remote_list(QUICK_LIST_S if local else self._list_timeout_s)
         if problem is not None:
             if not local:
                 raise MirrorUnreachable(f"cannot list the mirror {self.remote.url if self.remote else ''} "
@@ -68,12 +69,12 @@ class ResumeChooser:
                 return point
         return None
 
-    def _remote_list(self) -> tuple[dict[int, CheckpointInfo], Optional[str]]:
+    def _remote_list(self, timeout_s: float) -> tuple[dict[int, CheckpointInfo], Optional[str]]:
         if self.remote is None:
             return {}, None
         remote = self.remote
         try:
-            listing = with_deadline(remote.list, self._list_timeout_s, f"listing {remote.url}")
+            listing = with_deadline(remote.list, timeout_s, f"listing {remote.url}")
         except StorageError as exc:
             return {}, str(exc.strerror or exc)
         return {c.step: c for c in listing}, None

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
 from savegame.daemon.deadline import with_deadline
 from savegame.daemon.process import check_command
-from savegame.daemon.resume import LIST_TIMEOUT_S, MirrorUnreachable, ResumePoint
+from savegame.daemon.resume import LIST_TIMEOUT_S, QUICK_LIST_S, MirrorUnreachable, ResumePoint
 from savegame.daemon.status import write_worker_settings
 from savegame.errors import ConfigError, StorageError
 from savegame.policy import policy_record, read_policy, write_policy
@@ -37,6 +37,7 @@ class Startup:
         self.settings_path = ""
         self.mirror_started = False
         self._stored: Optional[dict[str, Any]] = None  # the policy record as the run folder holds it
+        self._remote_wait_s = LIST_TIMEOUT_S  # shorter once local checkpoints could serve the resume
 
     # -- before the first worker ------------------------------------------------------------------
 
@@ -45,6 +46,8 @@ class Startup:
         check_command(d.settings["command"], os.environ)
         self.settings_path = write_worker_settings(d.run_dir, explicit_for_worker(d.settings))
         d.house.collect_garbage()
+        if d.local.list():
+            self._remote_wait_s = QUICK_LIST_S
         self._check_mirror()
         self._adopt_stored_policy()
         if d.settings["resume"] == "none":
@@ -58,7 +61,8 @@ class Startup:
         if remote is None or remote.is_local:
             return
         try:
-            exists = with_deadline(remote.exists, LIST_TIMEOUT_S, f"reaching {remote.url}")
+            with self.daemon.notifier.busy(f"reaching the mirror {remote.url}"):
+                exists = with_deadline(remote.exists, self._remote_wait_s, f"reaching {remote.url}")
         except StorageError as exc:
             log.warning("the mirror %s is not reachable now (%s); it will be retried", remote.url, exc.strerror or exc)
             return
@@ -73,7 +77,8 @@ class Startup:
         elif d.remote is not None:
             remote = d.remote
             try:
-                layer = with_deadline(lambda: read_policy(remote), LIST_TIMEOUT_S, f"reading {remote.url}'s policy")
+                layer = with_deadline(lambda: read_policy(remote), self._remote_wait_s,
+                                      f"reading {remote.url}'s policy")
             except StorageError as exc:
                 log.warning("cannot read the run's policy from the mirror (%s)", exc)
         if layer is None:
@@ -89,7 +94,7 @@ class Startup:
         if not steps and d.remote is not None:
             remote = d.remote
             try:
-                steps = [c.step for c in with_deadline(remote.list, LIST_TIMEOUT_S, f"listing {remote.url}")]
+                steps = [c.step for c in with_deadline(remote.list, self._remote_wait_s, f"listing {remote.url}")]
                 where = remote.url
             except StorageError:
                 steps = []
