@@ -47,6 +47,9 @@ def test_unit_settings_fit_the_daemon():
     assert int(settings["TimeoutStopSec"]) > 25 + 60, "the stop timeout must cover the grace and the mirror upload"
     assert "WatchdogSec" in settings and "EnvironmentFile" in settings
     assert "network-online.target" in settings["After"]
+    # Never root: a dedicated user, and the run folder is its private state directory.
+    assert settings.get("User") not in (None, "", "root", "0") and settings["StateDirectory"] == "savegame/%i"
+    assert settings["StateDirectoryMode"] == "0700" and "--dir /var/lib/savegame/%i" in settings["ExecStart"]
 
 
 def collect(sock: socket.socket, into: list) -> None:

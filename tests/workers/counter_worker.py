@@ -21,6 +21,7 @@ parser.add_argument("--size-mb", type=float, default=1.0)
 parser.add_argument("--every", type=int, default=5)
 parser.add_argument("--epoch-steps", type=int, default=0, help="steps per epoch (0: one epoch)")
 parser.add_argument("--log", help="append each completed step to this file")
+parser.add_argument("--print", action="store_true", help="print a line at every step")
 parser.add_argument("--ignore-term", action="store_true")
 parser.add_argument("--crash-at", type=int, help="exit 3 whenever this step is reached")
 parser.add_argument("--crash-after-load", type=int, help="exit 3 right after resuming from this step")
@@ -54,7 +55,11 @@ while ckpt.progress.step < args.steps:
     if log:
         log.write(f"{step}\n")
         log.flush()
+    if args.print:
+        print(f"step {step}", flush=True)
     time.sleep(args.sleep)
+    if args.print:  # output inside a step too, as a progress bar would print
+        print(f"step {step} done", flush=True)
     ckpt.step()
     if ckpt.progress.step % epoch_steps == 0:
         epoch = ckpt.progress.epoch + 1

@@ -56,6 +56,7 @@ class WorkerExited:
     signal: Optional[int]
     last_step: Optional[int]  # the step it had reached (exact: the worker writes it at every boundary)
     loaded_step: Optional[int] = None  # the checkpoint it said it had loaded, if any
+    emergency_saved: bool = False  # it reported an emergency commit (a wrapper may lose exit code 75)
 
     @property
     def suspect_step(self) -> Optional[int]:
@@ -222,7 +223,7 @@ def _on_stop(m: Machine, event: StopRequested) -> Transition:
 def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy) -> Transition:
     how = f"exit code {event.code}" if event.code is not None else f"signal {_signal_name(event.signal)}"
     if m.stopping:
-        saved = event.code == protocol.EXIT_SAVED_RESUME_ME
+        saved = event.code == protocol.EXIT_SAVED_RESUME_ME or event.emergency_saved
         note = "emergency checkpoint committed" if saved else "no emergency checkpoint: the last one stands"
         return Transition(replace(m, state=State.STOPPED), (KillGroup(), Finish(protocol.EXIT_OK)),
                           f"worker exited ({how}) after the stop request: {note}")

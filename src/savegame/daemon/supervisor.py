@@ -79,6 +79,7 @@ class Supervisor:
         self.announced: dict[int, set[str]] = {}  # pid -> the signals it handles (from its hello)
         self.loaded_step: Optional[int] = None  # the checkpoint the current worker said it loaded
         self.resume_superseded = False  # the current worker committed past its resume source
+        self.emergency_saved = False  # the current worker reported an emergency commit
         self.set_aside: set[int] = set()  # not to be resumed from again by this daemon
         self.mirror_missing: list[int] = []
         self.reason = ""
@@ -249,6 +250,7 @@ class Supervisor:
             self.resume_superseded = True
         if urgent and event.get("reason") == "emergency":
             self._emergency_step = int(step)  # type: ignore[arg-type]
+            self.emergency_saved = True
         self.house.dirty = True
         if self.mirror:
             self.mirror.request_sync(int(step) if urgent else None)  # type: ignore[arg-type]
@@ -264,7 +266,8 @@ class Supervisor:
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
         code, signum = status
         step = self.progress.read() if self.progress else None
-        self.events.append(m.WorkerExited(code, signum, step, self.loaded_step))
+        self.events.append(m.WorkerExited(code, signum, step, self.loaded_step,
+                                          emergency_saved=self.emergency_saved))
         self.house.collect_garbage()  # a dead worker's half-written checkpoint
         self.timers.pop("grace", None)
         self.timers.pop("dump", None)
@@ -359,7 +362,8 @@ class Supervisor:
             return
         self.lock.record(worker=self.worker.pgid)
         self._exit_reported = False
-        self.heartbeat, self.announced, self.loaded_step, self.resume_superseded = {}, {}, None, False
+        self.heartbeat, self.announced, self.loaded_step = {}, {}, None
+        self.resume_superseded = self.emergency_saved = False
         self.last_event_mono = time.monotonic()
         self.events.append(m.Spawned(self.worker.pid))
         if self.attempt == 1:
