@@ -314,3 +314,53 @@ def test_keep_every_keeps_a_sparse_tail(tmp_path):
     daemon = Daemon(run, counter("--steps", 60, "--every", 5), ["--keep-last", "2", "--keep-every", "20"]).start()
     assert daemon.wait(timeout=30) == 0, daemon.stderr
     assert committed_steps(run) == [5, 20, 40, 55, 60]  # the first of each 20 steps, and the last 2
+
+
+def test_a_worker_that_fails_before_loading_never_hides_a_checkpoint(tmp_path):
+    """A dataset mount missing at start: the worker dies before it loads anything, again and again.
+    That is the environment's fault: the newest verified checkpoint is never set aside."""
+    run = tmp_path / "run"
+    first = Daemon(run, counter("--steps", 20, "--every", 5)).start()
+    assert first.wait() == 0
+    script = ["-c", "import sys; sys.exit('dataset not mounted: /mnt/data')"]
+    again = Daemon(run, script, ["--max-restarts", "4", *fast_backoff(tmp_path)]).start()
+    assert again.wait(timeout=60) == 1
+    assert again.stderr.count("resuming from step 20") == 5  # every attempt from the newest
+    assert "aside" not in again.stderr and "quarantined" not in again.stderr and "falling back" not in again.stderr
+
+
+def test_a_worker_that_always_exits_75_is_restarted_with_backoff(tmp_path):
+    """Exit 75 ('saved, resume me') forever used to restart about 370 times a second."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, ["-c", "import sys; sys.exit(75)"], fast_backoff(tmp_path)).start()
+    time.sleep(4)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    starts = daemon.stderr.count("worker started")
+    assert 3 <= starts <= 40, starts
+    assert "backing off" in daemon.stderr
+    assert daemon.status()["restarts"].get("preempted", 0) >= 2
+
+
+def test_a_command_missing_at_a_restart_is_retried_not_a_config_error(tmp_path):
+    """The interpreter briefly missing at a restart (an upgrade in progress) is not a configuration
+    error: the first start ran it, so the restart backs off and tries again."""
+    import shutil
+    run = tmp_path / "run"
+    python = tmp_path / "python-copy"
+    shutil.copy(os.path.realpath(__import__("sys").executable), python)
+    daemon = Daemon(run, [], fast_backoff(tmp_path))
+    daemon.cmd = daemon.cmd[:-1] + [str(python), "-c", "import time; time.sleep(0.5); raise SystemExit(3)"]
+    daemon.env["PYTHONPATH"] = os.pathsep.join(__import__("sys").path)
+    daemon.start()
+    try:
+        wait_until(lambda: "worker started" in daemon.stderr, timeout=30)
+        python.rename(tmp_path / "python-away")
+        wait_until(lambda: "cannot start the worker" in daemon.stderr, timeout=30)
+        (tmp_path / "python-away").rename(python)
+        wait_until(lambda: daemon.stderr.count("worker started") >= 2, timeout=30)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr
+    finally:
+        daemon.kill()
+    assert "configuration" not in daemon.stderr

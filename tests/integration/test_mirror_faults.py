@@ -122,3 +122,24 @@ def test_a_run_that_gives_up_still_flushes_the_mirror(tmp_path, s3_server):
     assert "giving up" in daemon.stderr
     assert [r["step"] for r in bucket_rows(url, s3_server.env)][-1] == 10
     assert "holds every checkpoint it should" in daemon.stderr
+
+
+def test_a_mirror_outage_does_not_stop_local_retention(tmp_path, s3_server, fault_proxy):
+    """With the bucket unreachable, the local disk keeps what its own policy keeps plus the few the
+    bucket would keep, not every checkpoint since the outage began (136 in 60 s, then a full disk)."""
+    url = f"s3://{s3_server.make_bucket()}/run"
+    run = tmp_path / "run"
+    options = ["--mirror", url, "--keep-last", "2", *settings(tmp_path, "mirror_deadline = 1\n[mirror_keep]\nlast = 3\n")]
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.005, "--every", 2), options,
+                    env=fault_proxy.env()).start()
+    try:
+        wait_until(lambda: "mirrored step" in daemon.stderr, timeout=60)
+        fault_proxy.refuse()
+        wait_until(lambda: daemon.stderr.count("mirror to") >= 2, timeout=120)  # failing, and retrying
+        time.sleep(3)
+        steps = committed_steps(run)
+        assert len(steps) <= 2 + 3 + 1, steps  # local policy, what the bucket would keep, one in flight
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 74  # the bucket lacks the newest: said so
+    finally:
+        daemon.kill()
