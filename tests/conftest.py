@@ -96,6 +96,17 @@ def fault_proxy(s3_server: S3Server) -> Iterator["FaultProxy"]:
     proxy.close()
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_daemons() -> Iterator[None]:
+    """Whatever a test started with helpers.Daemon is killed when it ends, pass or fail: no daemon
+    flushing to a dead server for a minute, no 100,000-step worker running on."""
+    from helpers import Daemon
+
+    yield
+    while Daemon.started:
+        Daemon.started.pop().kill()
+
+
 @pytest.fixture
 def savegame_env() -> dict[str, str]:
     """Environment for subprocesses running savegame (no daemon variables leak in)."""

@@ -39,7 +39,12 @@ def savegame(*args: str, env: Optional[dict] = None, timeout: float = 60) -> sub
 
 
 class Daemon:
-    """`savegame run` in the background, with its output in files (no pipe can fill up)."""
+    """`savegame run` in the background, with its output in files (no pipe can fill up).
+
+    Every one started is killed, with its worker's processes, when the test ends (pass or fail):
+    see the `no_leftover_daemons` fixture in conftest.py."""
+
+    started: list["Daemon"] = []
 
     def __init__(self, run_dir: Path, worker: Sequence[str], options: Sequence[str] = (),
                  env: Optional[dict] = None) -> None:
@@ -53,7 +58,15 @@ class Daemon:
     def start(self) -> "Daemon":
         with open(self.out, "ab") as out, open(self.err, "ab") as err:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err, env=self.env)
+        Daemon.started.append(self)
         return self
+
+    def ready(self, timeout: float = 30) -> int:
+        """Wait until the worker announced itself (its signal handlers are in place); its pid."""
+        def announced() -> Optional[int]:
+            status = self.status() or {}
+            return status.get("worker_pid") if status.get("worker_ready") else None
+        return int(wait_until(announced, timeout))  # type: ignore[arg-type]
 
     def wait(self, timeout: float = 60) -> int:
         assert self.proc is not None
@@ -87,15 +100,17 @@ class Daemon:
 
     def kill(self) -> None:
         """SIGKILL the daemon, and its worker's process group (a killed daemon cannot do it)."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-            worker = (self.status() or {}).get("worker_pid")
-            if worker:
-                try:
-                    os.killpg(worker, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        worker = (self.status() or {}).get("worker_pid")
+        if isinstance(worker, int) and worker > 1:
+            try:
+                os.killpg(worker, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def counter(*args: object) -> list[str]:

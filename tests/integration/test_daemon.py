@@ -364,3 +364,37 @@ def test_a_command_missing_at_a_restart_is_retried_not_a_config_error(tmp_path):
     finally:
         daemon.kill()
     assert "configuration" not in daemon.stderr
+
+
+def test_the_daemon_verifies_the_checkpoint_before_the_worker_sees_it(tmp_path):
+    """A byte flipped while no daemon ran: the daemon's own verification finds it, quarantines it and
+    hands the worker the one before (the worker's checksum-on-load never has to catch it)."""
+    run = tmp_path / "run"
+    first = Daemon(run, counter("--steps", 20, "--every", 5), ["--keep-last", "10"]).start()
+    assert first.wait() == 0, first.stderr
+    payload = run / "ckpt-000000000020" / "state.safetensors"
+    data = bytearray(payload.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    payload.write_bytes(data)
+    again = Daemon(run, counter("--steps", 25, "--every", 5), ["--keep-last", "10"]).start()
+    assert again.wait(timeout=60) == 0, again.stderr
+    err = again.stderr
+    assert "step 20 in" in err and "is damaged" in err and "checksum mismatch" in err
+    assert "quarantined step 20" in err and "failed verification before resume" in err
+    assert "resuming from step 15" in err
+    assert "exit code 65" not in err and "bad-checkpoint" not in err
+
+
+@pytest.mark.parametrize("status", [
+    {"state": 7, "daemon_pid": "x", "last_checkpoint": [1], "heartbeat": "fast", "restarts": None, "mirror": 3},
+    {"state": "running", "daemon_pid": 10**30, "protected": {"abc": 1, "12": "mine"}, "resumed_from": "7"},
+    [1, 2, 3],
+])
+def test_a_status_file_with_wrong_types_is_not_a_traceback(tmp_path, status):
+    run = tmp_path / "run"
+    (run / ".savegame").mkdir(parents=True)
+    (run / ".savegame" / "status.json").write_text(json.dumps(status))
+    for args in (("status", str(run)), ("prune", str(run), "--dry-run"), ("ls", str(run))):
+        result = savegame(*args)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+        assert result.returncode in (0, 78), (args, result.stderr)

@@ -415,6 +415,8 @@ class Supervisor:
             self.mirror.close()
         self.output.close()
         self.house.write_status()
+        for signum in STOP_SIGNALS:  # the run is over: a late stop signal must not kill the exit (as -15)
+            signal.signal(signum, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         selector.close()
         self.inbox.close()
