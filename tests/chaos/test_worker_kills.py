@@ -56,13 +56,16 @@ def test_random_sigkills_never_lose_or_repeat_a_step(tmp_path, seed):
     config = tmp_path / "savegame.toml"
     config.write_text("backoff_initial = 0.05\nbackoff_max = 0.2\n")  # keep the test fast
     daemon = Daemon(run, worker, ["--config", str(config), "--max-restarts", "20", "--keep-last", "3"]).start()
-    killer = threading.Thread(target=kill_randomly, args=(daemon, rng, rng.randint(2, 4)))
+    killed: list[int] = []
+    killer = threading.Thread(target=lambda: killed.extend(kill_randomly(daemon, rng, rng.randint(2, 4))))
     killer.start()
     try:
         assert daemon.wait(timeout=120) == 0, daemon.stderr[-3000:]
     finally:
         killer.join()
         daemon.kill()
+    assert killed, "no kill landed: the test tested nothing"
+    assert daemon.status()["restarts"].get("killed", 0) >= 1
     # The worker itself asserts that the recorded steps are exactly 0..STEPS-1 and that the
     # restored weights match their step; a torn checkpoint would fail its checksum on load.
     assert f"DONE {STEPS}" in daemon.stdout

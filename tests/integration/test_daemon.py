@@ -28,29 +28,40 @@ def test_run_to_the_end_keeps_what_the_policy_says(tmp_path):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_sigterm_at_a_random_moment_commits_an_emergency_checkpoint(tmp_path, seed):
-    """Mid-step, mid-save or during start-up: exit 0 before the deadline, and the next run
-    resumes from the emergency checkpoint; across both runs every step runs exactly once."""
+    """Mid-step or mid-save (the worker has announced itself, so its handler is in place): exit 0 before
+    the deadline with the last step in an emergency checkpoint, and the next run resumes from it;
+    across both runs every step runs exactly once. Asserted on every seed."""
     rng = random.Random(seed)
     run, log = tmp_path / "run", tmp_path / "steps.log"
     worker = counter("--steps", 120, "--sleep", 0.004, "--size-mb", 8, "--every", 7, "--log", log)
     daemon = Daemon(run, worker, ["--grace", "10"]).start()
-    if seed:
-        daemon.worker_pid()
-        time.sleep(rng.uniform(0.0, 0.4))
-    else:  # during start-up: the daemon is up, its worker not yet
-        wait_until(daemon.status)
+    daemon.ready()
+    time.sleep(rng.uniform(0.0, 0.4))
     started = time.monotonic()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=15) == 0, daemon.stderr
     assert time.monotonic() - started < 10
     done_before = step_log(log)
-    if done_before:
-        assert committed_steps(run)[-1] == len(done_before), "the emergency checkpoint holds the last step"
-        assert "emergency checkpoint committed" in daemon.stderr
+    assert committed_steps(run)[-1] == len(done_before), "the emergency checkpoint holds the last step"
+    assert "emergency checkpoint committed" in daemon.stderr
     second = Daemon(run, worker).start()
     assert second.wait() == 0, second.stderr
     assert "DONE 120" in second.stdout
     assert step_log(log) == list(range(120)), "a step ran twice or was skipped"
+
+
+def test_sigterm_before_the_worker_is_ready_stops_cleanly(tmp_path):
+    """During start-up (the daemon is up, its worker not yet): a clean stop, and the run resumes later."""
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    worker = counter("--steps", 30, "--sleep", 0.004, "--every", 7, "--log", log)
+    daemon = Daemon(run, worker).start()
+    wait_until(daemon.status)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=15) == 0, daemon.stderr
+    assert daemon.status()["state"] == "stopped"
+    second = Daemon(run, worker).start()
+    assert second.wait() == 0, second.stderr
+    assert step_log(log) == list(range(30))
 
 
 def test_worker_that_ignores_sigterm_is_killed_at_the_deadline(tmp_path):
@@ -127,8 +138,7 @@ def test_hanging_worker_is_dumped_killed_and_restarted(tmp_path):
 def test_sigusr1_to_the_daemon_takes_a_checkpoint_now(tmp_path):
     run = tmp_path / "run"
     daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 1000000)).start()
-    daemon.worker_pid()
-    time.sleep(0.3)
+    daemon.ready()
     daemon.signal(signal.SIGUSR1)
     wait_until(lambda: committed_steps(run), timeout=10)
     manifest = json.loads((run / f"ckpt-{committed_steps(run)[0]:012d}" / "manifest.json").read_text())
@@ -221,8 +231,7 @@ def test_a_preemption_notice_stops_the_run_with_an_emergency_checkpoint(tmp_path
 def test_sigint_and_sighup_stop_like_sigterm(tmp_path, signal_name):
     run = tmp_path / "run"
     daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 1000)).start()
-    daemon.worker_pid()
-    time.sleep(0.3)
+    daemon.ready()
     daemon.signal(getattr(signal, signal_name))
     assert daemon.wait(timeout=15) == 0, daemon.stderr
     assert f"{signal_name}: asking the worker for an emergency checkpoint" in daemon.stderr
@@ -233,8 +242,7 @@ def test_a_second_sigterm_does_not_cut_the_emergency_save_short(tmp_path):
     run = tmp_path / "run"
     # 128 MB of state: the emergency save takes a while, and a second SIGTERM lands inside it.
     daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--size-mb", 128, "--every", 10**6)).start()
-    daemon.worker_pid()
-    time.sleep(0.5)
+    daemon.ready()
     daemon.signal(signal.SIGTERM)
     time.sleep(0.05)
     daemon.signal(signal.SIGTERM)

@@ -92,9 +92,11 @@ def test_a_missing_bucket_is_a_config_error(tmp_path, s3_server):
 def test_credentials_never_reach_the_log(tmp_path, s3_server):
     url = f"s3://{s3_server.make_bucket()}/run"
     env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": "testing"}
-    daemon = Daemon(tmp_path / "run", counter("--steps", 10, "--every", 5), ["--mirror", url, "-v"] and
-                    ["--mirror", url], env=env).start()
-    assert daemon.wait() == 0
+    daemon = Daemon(tmp_path / "run", counter("--steps", 10, "--every", 5), ["--mirror", url], env=env)
+    daemon.cmd.insert(1, "-v")  # verbose logging: debug lines must not leak either
+    daemon.start()
+    assert daemon.wait() == 0, daemon.stderr
+    assert "DEBUG" in daemon.stderr
     assert "testing" not in daemon.stderr and "testing" not in daemon.stdout
     result = savegame("ls", "s3://AKIA:SECRETSECRET@bucket/run")
     assert result.returncode == 78 and "SECRETSECRET" not in result.stderr

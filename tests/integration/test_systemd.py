@@ -79,13 +79,15 @@ def test_sd_notify_messages_arrive_in_order(tmp_path, abstract):
                     env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}).start()
     messages: list[str] = []
     try:
-        daemon.worker_pid()
+        daemon.ready()
         wait_until(lambda: collect(sock, messages) or sum("WATCHDOG=1" in m for m in messages) >= 1, timeout=10)
         before = sum("WATCHDOG=1" in m for m in messages)
         time.sleep(2.0)
         collect(sock, messages)
         pings = sum("WATCHDOG=1" in m for m in messages) - before
-        assert 6 <= pings <= 14, f"{pings} pings in 2 s, expected one every 0.2 s (half of WATCHDOG_USEC)"
+        # One every 0.2 s (half of WATCHDOG_USEC): about 10 in 2 s; wide bounds so a loaded machine
+        # passes, yet "never" or "every loop turn" (hundreds) fails.
+        assert 4 <= pings <= 20, f"{pings} pings in 2 s, expected one every 0.2 s (half of WATCHDOG_USEC)"
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(timeout=15) == 0, daemon.stderr
         collect(sock, messages)
@@ -95,7 +97,7 @@ def test_sd_notify_messages_arrive_in_order(tmp_path, abstract):
     first = {key: next(i for i, m in enumerate(messages) if key in m)
              for key in ("READY=1", "WATCHDOG=1", "STOPPING=1", "EXTEND_TIMEOUT_USEC=")}
     assert first["READY=1"] < first["STOPPING=1"] < first["EXTEND_TIMEOUT_USEC="]
-    assert any(m.startswith("STATUS=running") or "\nSTATUS=running" in m or "STATUS=" in m for m in messages)
+    assert any(line.startswith("STATUS=running") for m in messages for line in m.splitlines())
     assert "STATUS=stopped" in messages[-1]
     env_names = probe.read_text()
     assert "NOTIFY_SOCKET" not in env_names and "WATCHDOG_USEC" not in env_names
