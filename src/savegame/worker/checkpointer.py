@@ -18,26 +18,27 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Mapping, NoReturn, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
 from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
-from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
+from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader, make_adapter
 from savegame.worker.codec import Encoder, decode
+from savegame.worker.exits import exit_config
+from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
 from savegame.worker.signals import StopRequests
 from savegame.worker.writer import BackgroundWriter, SaveJob
 
 log = logging.getLogger("savegame.worker")
-HEARTBEAT_INTERVAL_S = 0.5
 MAX_FAILED_SAVES = 3
+__all__ = ["Checkpointer", "HEARTBEAT_INTERVAL_S"]
 
 
 class Checkpointer:
@@ -47,12 +48,13 @@ class Checkpointer:
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
                  handle_signals: bool = True, initial_best: Optional[float] = None) -> None:
-        self.supervised = bool(os.environ.get(protocol.ENV_EVENTS))
+        self._link = DaemonLink(self._status)
+        self.supervised = self._link.supervised
         try:
             self.dir = self._choose_dir(dir)
             self.config = self._load_config(locals())
         except ConfigError as exc:
-            _exit_config(exc)
+            exit_config(exc)
         self.store = CheckpointStore(self.dir)
         self.run_id = os.environ.get(protocol.ENV_RUN_ID) or uuid.uuid4().hex[:12]
         self.progress = Progress()
@@ -64,16 +66,12 @@ class Checkpointer:
         self._schedule = self.config.schedule()
         self._initial_best = initial_best  # a best to beat before anything counts as "best" (Keras' initial_value_threshold)
         self._history = History(last_time=time.monotonic(), best=initial_best)
-        self._events = protocol.DatagramSender(os.environ.get(protocol.ENV_EVENTS))
-        progress_path = os.environ.get(protocol.ENV_PROGRESS)
-        self._progress_cell = protocol.ProgressCell(progress_path) if progress_path else None
         self._requests = StopRequests()
         if handle_signals:
             self._requests.install()
         self._writer = BackgroundWriter(self.store, self._on_write_done)
         self._committed_step: Optional[int] = None
         self._failed_saves = 0
-        self._last_heartbeat = 0.0
         self._resume_mid_epoch = False
         self._epoch_open = False
         # Batches per epoch, when known. A periodic save due on an epoch's last batch is left to the
@@ -109,9 +107,9 @@ class Checkpointer:
         """Register what to save: model=, optimizer=, scheduler=, scaler=, sampler=, ... (any names)."""
         if self._adapter is None:
             try:
-                self._adapter = _make_adapter(self._framework, objects)
+                self._adapter = make_adapter(self._framework, objects)
             except ConfigError as exc:
-                _exit_config(exc)
+                exit_config(exc)
             bind = getattr(self._adapter, "bind", None)
             if bind is not None:
                 bind(self)  # adapters that save the step counter read self.progress at capture time
@@ -135,11 +133,11 @@ class Checkpointer:
             try:
                 self._load(store, info)
             except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
-                _exit_config(exc)
+                exit_config(exc)
             except (CorruptCheckpoint, ValueError) as exc:  # ValueError: malformed contents
                 if self.supervised:
                     log.error("cannot resume from %s: %s", info.path, exc)
-                    self._events.send("bad-checkpoint", step=info.step, problem=str(exc))
+                    self._link.send("bad-checkpoint", step=info.step, problem=str(exc))
                     raise SystemExit(protocol.EXIT_BAD_CHECKPOINT) from None
                 log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
                 continue
@@ -235,9 +233,7 @@ class Checkpointer:
         self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), True, self.metrics))
 
     def _boundary(self, moment: Moment) -> None:
-        if self._progress_cell is not None:
-            self._progress_cell.write(moment.step)
-        self._heartbeat()
+        self._link.boundary(moment.step)
         stop = self._requests.stop
         reason = None if stop else ("manual" if self._requests.take_checkpoint()
                                     else self._schedule.due(moment, self._history))
@@ -303,13 +299,13 @@ class Checkpointer:
             self._failed_saves += 0 if exists else 1
             level = log.warning if exists else log.error
             level("checkpoint at step %d not saved: %s", job.step, error)
-            self._events.send("save-failed", step=job.step, error=str(error))
+            self._link.send("save-failed", step=job.step, error=str(error))
             return
         assert info is not None
         self._failed_saves = 0
         self._committed_step = info.step
         log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
-        self._events.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
+        self._link.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
                           bytes=info.bytes, metrics=dict(info.metrics))
         if not self.supervised:
             self._apply_retention()
@@ -325,7 +321,7 @@ class Checkpointer:
 
     def _stop(self, moment: Moment) -> None:
         """Emergency: commit this step's state (unless it already is), then exit 75."""
-        self._events.send("saving", step=moment.step, reason="emergency")
+        self._link.send("saving", step=moment.step, reason="emergency")
         self._save("emergency", moment.metrics if moment.at_epoch_end else {}, in_place=True)
         self._writer.wait()
         if self._failed_saves:
@@ -345,17 +341,13 @@ class Checkpointer:
 
     def close(self) -> None:
         self._writer.close()
-        self._events.close()
+        self._link.close()
 
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
-            self._last_heartbeat = now
-            self._report("heartbeat")
+    def _status(self) -> dict[str, Any]:
+        return {"step": self.progress.step, "epoch": self.progress.epoch, "resumed_from": self.resumed_from}
 
     def _report(self, event: str, **extra: Any) -> None:
-        self._events.send(event, step=self.progress.step, epoch=self.progress.epoch,
-                          resumed_from=self.resumed_from, time=time.time(), **extra)
+        self._link.report(event, **extra)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -364,40 +356,5 @@ class Checkpointer:
         self.close()
 
 
-def _exit_config(exc: ConfigError) -> NoReturn:
-    """A mistake in the script or its settings: say so and exit 78 (the daemon does not retry it)."""
-    print(f"savegame: configuration error: {exc}", file=sys.stderr, flush=True)
-    raise SystemExit(protocol.EXIT_CONFIG)
-
-
 def _no_tensors(name: str) -> Any:
     raise CorruptCheckpoint(f"unexpected tensor {name!r} in the script's state")
-
-
-def _make_adapter(framework: Optional[str], objects: Mapping[str, Any]) -> Adapter:
-    name = framework or _detect_framework(objects)
-    if name == "torch":
-        from savegame.worker.torch import TorchAdapter
-        return TorchAdapter()
-    if name == "keras":
-        from savegame.worker.keras import KerasAdapter
-        return KerasAdapter()
-    if name == "numpy":
-        from savegame.worker.numpy import NumpyAdapter
-        return NumpyAdapter()
-    if name == "tensorflow":
-        from savegame.worker.tensorflow import TensorFlowAdapter
-        return TensorFlowAdapter()
-    raise ConfigError(f"unknown framework {name!r}; use torch, keras, tensorflow or numpy")
-
-
-def _detect_framework(objects: Mapping[str, Any]) -> str:
-    for obj in objects.values():
-        module = type(obj).__module__.split(".")[0]
-        if module in ("torch", "keras", "tensorflow", "numpy"):
-            return module
-        for base in type(obj).__mro__:
-            root = base.__module__.split(".")[0]
-            if root in ("torch", "keras", "tensorflow"):
-                return root
-    raise ConfigError("cannot tell the framework of the tracked objects; pass framework='torch' (or keras, tensorflow)")

@@ -1,0 +1,67 @@
+"""The worker's line to its daemon: hello, heartbeats, commits, the progress cell.
+
+Without a daemon (no SAVEGAME_EVENTS) every call is a no-op, so a script runs the same on its own.
+Sending never blocks; a daemon that is gone (kill -9) shows up as `gone`, and the Checkpointer
+treats that like a stop request.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+from savegame import protocol
+
+HEARTBEAT_INTERVAL_S = 0.5
+
+
+class DaemonLink:
+    """Events to the daemon. `status()` gives the fields every report carries (step, epoch, ...)."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]], environ: Mapping[str, str] = os.environ) -> None:
+        self.address = environ.get(protocol.ENV_EVENTS) or None
+        self._status = status
+        self._events = protocol.DatagramSender(self.address)
+        progress_path = environ.get(protocol.ENV_PROGRESS)
+        self._cell = protocol.ProgressCell(progress_path) if progress_path else None
+        self._last_heartbeat = 0.0
+        self._lock = threading.Lock()  # heartbeats come from the training and the keepalive threads
+
+    @property
+    def supervised(self) -> bool:
+        return self.address is not None
+
+    @property
+    def gone(self) -> bool:
+        """The daemon stopped listening (it died): nobody will restart or stop this worker."""
+        return self._events.peer_gone
+
+    def send(self, event: str, **fields: Any) -> None:
+        self._events.send(event, **fields)
+
+    def report(self, event: str, **extra: Any) -> None:
+        """An event with the worker's status fields."""
+        self._events.send(event, **self._status(), time=time.time(), **extra)
+
+    def boundary(self, step: int) -> None:
+        """A step boundary: the step into the shared cell (a memory store), a heartbeat when due."""
+        if self._cell is not None:
+            self._cell.write(step)
+        self.heartbeat()
+
+    def heartbeat(self, force: bool = False, **extra: Any) -> bool:
+        """Report a heartbeat, at most one per HEARTBEAT_INTERVAL_S unless `force`; True if sent."""
+        if not self.supervised:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
+                return False
+            self._last_heartbeat = now
+        self.report("heartbeat", **extra)
+        return True
+
+    def close(self) -> None:
+        self._events.close()
+
