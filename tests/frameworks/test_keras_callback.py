@@ -92,6 +92,10 @@ def test_mid_epoch_resume_without_data_restarts_the_epoch(results: dict[str, Any
     assert r["warned"] is True
 
 
+def test_signals_are_taken_over_only_while_fit_trains(results: dict[str, Any]) -> None:
+    assert results["signals"] == {"made": True, "training": True, "after": True}
+
+
 # -- the cases, run in their own process ---------------------------------------------------------------
 
 def _cases(tmp: str) -> dict[str, Any]:
@@ -211,6 +215,18 @@ def _cases(tmp: str) -> dict[str, Any]:
         out["steps_per_execution"] = "accepted"
     except Exception as exc:  # noqa: BLE001
         out["steps_per_execution"] = str(exc)
+
+    # signals: taken over while fit trains (from on_train_begin), given back after it, not when the callback is made
+    cb = SavegameCallback(os.path.join(tmp, "signals"))
+    seen = {"made": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            seen["training"] = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+
+    model().fit(x, y, epochs=1, verbose=0, callbacks=[cb, Probe()])
+    seen["after"] = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    out["signals"] = seen
 
     # resuming mid-epoch without data=: the interrupted epoch starts again (warned)
     fit("no_data", [0.5, 0.6, 0.7], 3, stop_after=6, data=False, save_freq=2, keep_last=100)

@@ -38,6 +38,7 @@ if args.ignore_term:
 seen = ckpt.state.setdefault("seen", [])
 log = open(args.log, "a") if args.log else None
 epoch_steps = args.epoch_steps or args.steps
+ckpt.start_training()  # stop signals are handled from here on: the first step is covered too
 
 while ckpt.progress.step < args.steps:
     step = ckpt.progress.step

@@ -67,8 +67,8 @@ class Checkpointer:
         self._initial_best = initial_best  # a best to beat before anything counts as "best" (Keras' initial_value_threshold)
         self._history = History(last_time=time.monotonic(), best=initial_best)
         self._requests = StopRequests()
-        if handle_signals:
-            self._requests.install()
+        self._handle_signals = handle_signals
+        self._training = False  # signals are taken over at the first training call, not before
         self._writer = BackgroundWriter(self.store, self._on_write_done)
         self._committed_step: Optional[int] = None
         self._failed_saves = 0
@@ -193,8 +193,20 @@ class Checkpointer:
 
     # -- the training loop ----------------------------------------------------------------------
 
+    def start_training(self) -> None:
+        """Called by the first training call (epochs(), batches(), step(), end_epoch(), the Keras
+        callback's on_train_begin): take over the stop signals and announce this process to the daemon.
+        Until then a script that only loads weights keeps its own signal handling."""
+        if self._training:
+            return
+        self._training = True
+        handles = self._requests.install() if self._handle_signals else []
+        if self.supervised:
+            self._link.hello(handles)
+
     def epochs(self, total: int) -> Iterator[int]:
         """Epoch indices from where the run stands to `total` - 1."""
+        self.start_training()
         while self.progress.epoch < total:
             self._epoch_open = True
             yield self.progress.epoch
@@ -203,6 +215,7 @@ class Checkpointer:
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Iterate a loader from the resume position; each batch's end is a step boundary."""
+        self.start_training()
         skip = self.progress.batch_in_epoch if self._resume_mid_epoch else 0
         try:
             self.epoch_length = len(loader)  # type: ignore[arg-type]  # the full epoch: not yet fast-forwarded
@@ -220,12 +233,14 @@ class Checkpointer:
 
     def step(self, **metrics: float) -> None:
         """A step boundary: count the step, then save, stop or report as needed."""
+        self.start_training()
         self.progress.step += 1
         self.progress.batch_in_epoch += 1
         self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), False, metrics))
 
     def end_epoch(self, **metrics: float) -> None:
         """An epoch boundary, with the epoch's validation metrics (they go into the manifest)."""
+        self.start_training()
         self._epoch_open = False
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
@@ -340,7 +355,9 @@ class Checkpointer:
         self.close()
 
     def close(self) -> None:
+        """Wait for the save in flight, give the signal handlers back, stop reporting."""
         self._writer.close()
+        self._requests.restore()
         self._link.close()
 
     def _status(self) -> dict[str, Any]:

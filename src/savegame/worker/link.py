@@ -7,6 +7,7 @@ treats that like a stop request.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -62,6 +63,23 @@ class DaemonLink:
         self.report("heartbeat", **extra)
         return True
 
+    def hello(self, handles: list[str]) -> None:
+        """Announce the training process: the daemon signals this pid (not a wrapper's), and sends
+        SIGUSR1 only when it is handled."""
+        rank, world_size = process_rank()
+        self._events.send(protocol.EVENT_HELLO, handles=handles, rank=rank, world_size=world_size)
+
     def close(self) -> None:
         self._events.close()
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) under an initialized torch.distributed, else (0, 1). Never imports torch."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+    except (RuntimeError, ValueError):
+        pass
+    return 0, 1
 
