@@ -23,7 +23,7 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _default_signals() -> None:
+def default_signals() -> None:
     # A test runner started in the background may ignore SIGINT; the worker must see what a terminal gives it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -32,7 +32,7 @@ def start(script: str, *args: object, env: Optional[dict[str, str]] = None, cwd:
           preexec: Optional[Callable[[], None]] = None) -> subprocess.Popen:
     """Run a Python script (its text) in a new process; stdout and stderr are pipes of text."""
     def setup() -> None:
-        _default_signals()
+        default_signals()
         if preexec is not None:
             preexec()
     return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env or worker_env(), cwd=cwd,

@@ -30,7 +30,7 @@ from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader, make_adapter
 from savegame.worker.codec import Encoder, decode
-from savegame.worker.exits import exit_config
+from savegame.worker.exits import exit_config, say, say_now
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
 from savegame.worker.signals import StopRequests
@@ -69,6 +69,9 @@ class Checkpointer:
         self._requests = StopRequests()
         self._handle_signals = handle_signals
         self._training = False  # signals are taken over at the first training call, not before
+        if not self.supervised:  # at a terminal: say at once what Ctrl-C does
+            self._requests.on_interrupt = lambda: say_now("interrupted: saving a checkpoint at the next step; "
+                                                          "press Ctrl-C again to quit at once")
         self._writer = BackgroundWriter(self.store, self._on_write_done)
         self._committed_step: Optional[int] = None
         self._failed_saves = 0
@@ -345,6 +348,8 @@ class Checkpointer:
             raise SystemExit(protocol.EXIT_FAILED)
         self._report("stopping")
         self.close()
+        if self._requests.interrupted and not self.supervised:
+            say(f"interrupted: saved step {moment.step} (emergency); run again to resume")
         raise SystemExit(protocol.EXIT_SAVED_RESUME_ME)
 
     def finish(self) -> None:

@@ -2,6 +2,7 @@
 the daemon understands (78: never retried; 74: a checkpoint did not reach the disk)."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn
 
@@ -12,6 +13,14 @@ from savegame.errors import ConfigError
 def say(line: str) -> None:
     """One line for the person at the terminal (or the daemon's log)."""
     print(f"savegame: {line}", file=sys.stderr, flush=True)
+
+
+def say_now(line: str) -> None:
+    """`say` from a signal handler: one write(2), nothing buffered that the interrupted code may hold."""
+    try:
+        os.write(2, f"savegame: {line}\n".encode())
+    except OSError:
+        pass
 
 
 def exit_config(exc: ConfigError) -> NoReturn:

@@ -1,7 +1,7 @@
 """Worker-side signal handling, only while training. Handlers only record; the step boundary acts.
 
 SIGTERM: stop request (save at the next step boundary, exit 75). SIGUSR1: checkpoint now.
-SIGINT (Ctrl-C): a stop request like SIGTERM.
+SIGINT (Ctrl-C): the first is a stop request like SIGTERM, a second interrupts at once.
 SIGUSR2: dump every thread's stack to stderr (the daemon asks for it before killing a hung worker).
 
 `install()` takes them over at the first training call and `restore()` gives the previous handlers
@@ -14,7 +14,7 @@ import faulthandler
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable, Optional
 
 Handler = Any  # what signal.getsignal returns: a callable, SIG_DFL, SIG_IGN or None
 
@@ -23,6 +23,8 @@ class StopRequests:
     def __init__(self) -> None:
         self.stop = False
         self.checkpoint = False
+        self.interrupted = False  # the stop came from SIGINT (Ctrl-C)
+        self.on_interrupt: Optional[Callable[[], None]] = None  # called at the first SIGINT
         self._previous: dict[int, Handler] = {}
         self._dumps_stacks = False
 
@@ -35,7 +37,7 @@ class StopRequests:
         if self.installed or threading.current_thread() is not threading.main_thread():
             return self.handled()
         for signum, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGUSR1, self._on_checkpoint),
-                                (signal.SIGINT, self._on_stop)):
+                                (signal.SIGINT, self._on_interrupt)):
             previous = signal.getsignal(signum)
             if previous is not signal.SIG_IGN:
                 self._previous[signum] = previous
@@ -67,6 +69,13 @@ class StopRequests:
 
     def _on_checkpoint(self, signum: int, frame: Any) -> None:
         self.checkpoint = True
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt  # the second Ctrl-C: quit at once, whatever is running
+        self.interrupted = self.stop = True
+        if self.on_interrupt is not None:
+            self.on_interrupt()
 
     def take_checkpoint(self) -> bool:
         requested, self.checkpoint = self.checkpoint, False
