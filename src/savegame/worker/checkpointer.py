@@ -252,6 +252,10 @@ class Checkpointer:
 
     def _boundary(self, moment: Moment) -> None:
         self._link.boundary(moment.step)
+        if self._link.gone and not self._requests.stop:  # killed (-9): nobody would stop or restart this worker
+            log.error("the daemon is gone (nobody reads %s): saving an emergency checkpoint and exiting 75; "
+                      "`savegame run` resumes from it", self._link.address)
+            self._requests.stop = True
         stop = self._requests.stop
         reason = None if stop else ("manual" if self._requests.take_checkpoint()
                                     else self._schedule.due(moment, self._history))
