@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
@@ -270,6 +270,19 @@ class Checkpointer:
             self._stop(moment)
         if reason:
             self._save(reason, moment.metrics)
+
+    def heartbeat(self) -> bool:
+        """Tell the daemon this worker is alive (rate-limited; a no-op without a daemon). True if sent."""
+        return self._link.heartbeat()
+
+    def keepalive(self, activity: str = "busy") -> ContextManager[None]:
+        """Heartbeats every HEARTBEAT_INTERVAL_S from a helper thread while the block runs, so a long
+        evaluation is not taken for a hang (`--hang-timeout`):
+
+            with ckpt.keepalive("evaluating"):
+                val_acc = evaluate(model)
+        """
+        return self._link.keepalive(activity)
 
     @property
     def best(self) -> Optional[float]:

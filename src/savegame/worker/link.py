@@ -6,11 +6,12 @@ treats that like a stop request.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from savegame import protocol
 
@@ -62,6 +63,27 @@ class DaemonLink:
             self._last_heartbeat = now
         self.report("heartbeat", **extra)
         return True
+
+    @contextlib.contextmanager
+    def keepalive(self, activity: str) -> Iterator[None]:
+        """Heartbeats from a helper thread while the block runs (a long evaluation has no step boundary)."""
+        if not self.supervised:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(HEARTBEAT_INTERVAL_S):
+                self.heartbeat(force=True, activity=activity)
+
+        self.heartbeat(force=True, activity=activity)
+        thread = threading.Thread(target=beat, name="savegame-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def hello(self, handles: list[str]) -> None:
         """Announce the training process: the daemon signals this pid (not a wrapper's), and sends
