@@ -25,12 +25,12 @@ from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
-from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, StorageError
+from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader, make_adapter
 from savegame.worker.codec import Encoder, decode
-from savegame.worker.exits import exit_config, say, say_now
+from savegame.worker.exits import exit_config, exit_io, say, say_now
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
 from savegame.worker.signals import StopRequests
@@ -75,6 +75,7 @@ class Checkpointer:
         self._writer = BackgroundWriter(self.store, self._on_write_done)
         self._committed_step: Optional[int] = None
         self._failed_saves = 0
+        self._save_error: Optional[BaseException] = None  # why the last save failed (None: it did not)
         self._resume_mid_epoch = False
         self._epoch_open = False
         # Batches per epoch, when known. A periodic save due on an epoch's last batch is left to the
@@ -310,11 +311,12 @@ class Checkpointer:
         if step == self._committed_step:
             return  # this exact state is already committed
         if self._adapter is None:
-            raise ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first")
+            exit_config(ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first"))
         self._writer.wait()  # back-pressure: the buffers are free once the last save is written
         if self._failed_saves >= MAX_FAILED_SAVES:
-            raise StorageError(f"{self._failed_saves} checkpoints in a row failed to save (see the log); "
-                               "stopping rather than training on without a way back")
+            self.close()
+            exit_io(f"{self._failed_saves} checkpoints in a row failed to save; stopping rather than training on "
+                    f"without a way back: {self._save_error}")
         capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
         capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
@@ -332,12 +334,14 @@ class Checkpointer:
         if error is not None:
             exists = isinstance(error, CheckpointExists)
             self._failed_saves += 0 if exists else 1
-            level = log.warning if exists else log.error
-            level("checkpoint at step %d not saved: %s", job.step, error)
+            self._save_error = None if exists else error
+            if exists or job.reason not in ("final", "emergency"):  # the training thread reports those two
+                (log.warning if exists else log.error)("checkpoint at step %d not saved: %s", job.step, error)
             self._link.send("save-failed", step=job.step, error=str(error))
             return
         assert info is not None
         self._failed_saves = 0
+        self._save_error = None
         self._committed_step = info.step
         log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
         self._link.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
@@ -357,12 +361,7 @@ class Checkpointer:
     def _stop(self, moment: Moment) -> None:
         """Emergency: commit this step's state (unless it already is), then exit 75."""
         self._link.send("saving", step=moment.step, reason="emergency")
-        self._save("emergency", moment.metrics if moment.at_epoch_end else {}, in_place=True)
-        self._writer.wait()
-        if self._failed_saves:
-            log.error("the emergency checkpoint failed; exiting without it")
-            self.close()
-            raise SystemExit(protocol.EXIT_FAILED)
+        self._commit_now("emergency", moment.metrics if moment.at_epoch_end else {})
         self._report("stopping")
         self.close()
         if self._requests.interrupted and not self.supervised:
@@ -370,11 +369,20 @@ class Checkpointer:
         raise SystemExit(protocol.EXIT_SAVED_RESUME_ME)
 
     def finish(self) -> None:
-        """End of training: commit the final state, wait for it, tell the daemon."""
-        self._save("final", self.metrics, in_place=True)
-        self._writer.wait()
+        """End of training: commit the final state, wait for it, tell the daemon. A final state that
+        cannot be committed (a full disk) ends the process with exit 74, not a silent success."""
+        self._commit_now("final", self.metrics)
         self._report("finished")
         self.close()
+
+    def _commit_now(self, reason: str, metrics: Mapping[str, float]) -> None:
+        """Save this step from live memory and wait for the commit; exit 74 when it did not reach the disk."""
+        self._save(reason, metrics, in_place=True)
+        self._writer.wait()
+        if self._committed_step != self.progress.step and self._save_error is not None:
+            error = self._save_error
+            self.close()
+            exit_io(f"the {reason} checkpoint (step {self.progress.step}) was not saved: {error}")
 
     def close(self) -> None:
         """Wait for the save in flight, give the signal handlers back, stop reporting."""
