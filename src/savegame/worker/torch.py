@@ -77,17 +77,13 @@ class TorchAdapter:
         if missing:
             raise ConfigError(f"{reader.info.path} holds no state for {missing}; it was saved by another script")
         self._check_modules(saved, reader)
-        in_place = self._live_tensors()
+        model = self._model_tensors()
+        in_place = {name: t for name, t in model.items() if t.device.type == "cpu" and t.is_contiguous()}
+        referenced = _tensor_names(state)
         loaded: dict[str, torch.Tensor] = {}
 
         def check(infos: list[TensorInfo]) -> None:  # before any byte lands in the model
-            for info in infos:
-                target = in_place.get(info.name)
-                if target is not None and tuple(target.shape) != info.shape:
-                    raise ConfigError(f"{reader.info.path}: {info.name} has shape {list(info.shape)}, the model "
-                                      f"{list(target.shape)}; it was saved by another model")
-                if target is not None and target.dtype != TORCH_DTYPES[info.dtype]:
-                    del in_place[info.name]  # read into a new tensor; load_state_dict converts it
+            _check_fit(infos, model, referenced, reader.info.path)
 
         def allocate(info: TensorInfo) -> memoryview:
             target = in_place.get(info.name)
@@ -115,15 +111,10 @@ class TorchAdapter:
                     raise ConfigError(f"{reader.info.path}: {name} does not match the model: missing "
                                       f"{sorted(expected - keys)[:5]}, unexpected {sorted(keys - expected)[:5]}")
 
-    def _live_tensors(self) -> dict[str, torch.Tensor]:
-        """Model tensors that can be read into directly: on the CPU and contiguous."""
-        live = {}
-        for name, obj in self.objects.items():
-            if isinstance(obj, torch.nn.Module):
-                for key, t in obj.state_dict().items():
-                    if t.device.type == "cpu" and t.is_contiguous():
-                        live[f"{name}.{key}"] = t
-        return live
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the tracked modules, on any device: what a checkpoint must fit exactly."""
+        return {f"{name}.{key}": t for name, obj in self.objects.items() if isinstance(obj, torch.nn.Module)
+                for key, t in obj.state_dict().items()}
 
     def _load_object(self, name: str, obj: Any, state: Any, in_place: dict[str, torch.Tensor],
                      reader: CheckpointReader) -> None:
@@ -188,6 +179,31 @@ def _await_sigterm(parent: int) -> None:
         info = signal.sigwaitinfo({signal.SIGTERM})
         if info.si_pid == parent or os.getppid() != parent:
             os._exit(128 + signal.SIGTERM)
+
+
+def _tensor_names(state: dict[str, Any]) -> set[str]:
+    """The names of the tensors the JSON state refers to."""
+    names: set[str] = set()
+    for encoded in [*state.get("objects", {}).values(), state.get("rng", {"__dict__": {}})]:
+        decode(encoded, lambda name: names.add(str(name)))
+    return names
+
+
+def _check_fit(infos: list[TensorInfo], model: dict[str, torch.Tensor], referenced: set[str], where: str) -> None:
+    """Refuse, before any byte is read, a file that lacks a tensor the state refers to, holds a model
+    tensor of another dtype or shape than the live model's, or an RNG state that is not a byte vector."""
+    missing = sorted(referenced - {info.name for info in infos})
+    if missing:
+        raise CorruptCheckpoint(f"{where}: tensors {missing[:3]} are missing from state.safetensors")
+    for info in infos:
+        live = model.get(info.name)
+        if live is not None and (tuple(live.shape) != info.shape or live.dtype != TORCH_DTYPES[info.dtype]):
+            raise ConfigError(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, the model's is "
+                              f"{DTYPES.get(live.dtype, live.dtype)}{list(live.shape)}: the checkpoint does not "
+                              "fit this model (it was saved by another model)")
+        if info.name.startswith("rng.") and (info.dtype != "U8" or len(info.shape) != 1):
+            raise CorruptCheckpoint(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, "
+                                    "not a random generator state (U8[n])")
 
 
 def _lookup(loaded: dict[str, torch.Tensor], reader: CheckpointReader) -> Any:
