@@ -47,12 +47,16 @@ class Checkpointer:
                  every_epochs: Optional[int] = None, every_seconds: Optional[float] = None,
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
-                 handle_signals: bool = True, initial_best: Optional[float] = None) -> None:
+                 handle_signals: bool = True, initial_best: Optional[float] = None,
+                 steps_per_epoch: Optional[int] = None) -> None:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
         try:
             self.dir = self._choose_dir(dir)
             self.config = self._load_config(locals())
+            # Steps per epoch, when known (batches() takes it from len(loader)). Without it a periodic
+            # save due at a step that may end the epoch waits for the next boundary (see _defer).
+            self.epoch_length: Optional[int] = _positive_int("steps_per_epoch", steps_per_epoch)
         except ConfigError as exc:
             exit_config(exc)
         self.store = CheckpointStore(self.dir)
@@ -78,9 +82,10 @@ class Checkpointer:
         self._save_error: Optional[BaseException] = None  # why the last save failed (None: it did not)
         self._resume_mid_epoch = False
         self._epoch_open = False
-        # Batches per epoch, when known. A periodic save due on an epoch's last batch is left to the
-        # epoch end right after it: same step, but with the epoch's metrics (one checkpoint per step).
-        self.epoch_length: Optional[int] = None
+        self._deferred: Optional[str] = None  # a periodic save put off to the next boundary
+        # True once the script works in epochs (epochs(), batches(), end_epoch(), the Keras callback): a
+        # periodic save is only put off for an epoch end then; a plain step loop saves at exact steps.
+        self.uses_epochs = False
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -211,6 +216,7 @@ class Checkpointer:
     def epochs(self, total: int) -> Iterator[int]:
         """Epoch indices from where the run stands to `total` - 1."""
         self.start_training()
+        self.uses_epochs = True
         while self.progress.epoch < total:
             self._epoch_open = True
             yield self.progress.epoch
@@ -220,11 +226,12 @@ class Checkpointer:
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Iterate a loader from the resume position; each batch's end is a step boundary."""
         self.start_training()
+        self.uses_epochs = True
         skip = self.progress.batch_in_epoch if self._resume_mid_epoch else 0
         try:
             self.epoch_length = len(loader)  # type: ignore[arg-type]  # the full epoch: not yet fast-forwarded
         except TypeError:
-            pass  # a loader without a length: the epoch end may find its step already saved
+            pass  # a loader without a length: steps_per_epoch, if given, still holds
         prepare = getattr(self._adapter, "prepare_loader", None)
         iterator, skipped = (prepare(loader, self.progress.epoch, skip, self._resume_mid_epoch)
                              if prepare else (iter(loader), 0))
@@ -245,6 +252,7 @@ class Checkpointer:
     def end_epoch(self, **metrics: float) -> None:
         """An epoch boundary, with the epoch's validation metrics (they go into the manifest)."""
         self.start_training()
+        self.uses_epochs = True
         self._epoch_open = False
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
@@ -260,9 +268,7 @@ class Checkpointer:
         stop = self._requests.stop
         reason = None if stop else ("manual" if self._requests.take_checkpoint()
                                     else self._schedule.due(moment, self._history))
-        if reason == "periodic" and not moment.at_epoch_end and self.epoch_length is not None \
-                and self.progress.batch_in_epoch >= self.epoch_length:
-            reason = None  # the epoch end saves this step
+        reason = self._defer(reason, moment)
         monitor = self.config.monitor
         # Update the history first: the checkpoint saved here must hold this boundary's best value.
         self._history = next_history(self._history, moment, stop or bool(reason), *(monitor or (None, "max")),
@@ -271,6 +277,17 @@ class Checkpointer:
             self._stop(moment)
         if reason:
             self._save(reason, moment.metrics)
+
+    def _defer(self, reason: Optional[str], moment: Moment) -> Optional[str]:
+        """A periodic save due at a step that may be the epoch's last (unknown epoch length, or the
+        last batch) waits one boundary: an end_epoch() at this step then saves it with the epoch's
+        metrics (as "best" when it improved); otherwise the next step saves. Deferred once only."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None and reason == "periodic" and not moment.at_epoch_end and self.uses_epochs \
+                and (self.epoch_length is None or self.progress.batch_in_epoch >= self.epoch_length):
+            self._deferred = reason
+            return None
+        return reason or deferred
 
     def heartbeat(self) -> bool:
         """Tell the daemon this worker is alive (rate-limited; a no-op without a daemon). True if sent."""
@@ -317,6 +334,7 @@ class Checkpointer:
             self.close()
             exit_io(f"{self._failed_saves} checkpoints in a row failed to save; stopping rather than training on "
                     f"without a way back: {self._save_error}")
+        self._deferred = None  # whatever was put off is in this save
         capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
         capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
@@ -401,6 +419,12 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _positive_int(name: str, value: Any) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        exit_config(ConfigError(f"{name} = {value!r}: must be a positive integer (or None: unknown)"))
+    return value
 
 
 def _no_tensors(name: str) -> Any:

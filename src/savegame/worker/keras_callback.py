@@ -90,6 +90,7 @@ class SavegameCallback(keras.callbacks.Callback):
         _build_metrics(self.model, self.data)
         restored = self.checkpointer.restore()
         self.checkpointer.start_training()
+        self.checkpointer.uses_epochs = True  # fit trains in epochs, even when their length is unknown
         if restored is None:
             return
         progress = self.checkpointer.progress
