@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import signal
-import threading
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
@@ -22,6 +19,7 @@ from savegame.worker.adapter import Capture, CheckpointReader
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
 from savegame.worker.torch_buffers import DTYPES, TORCH_DTYPES, HostBuffers
+from savegame.worker.torch_loader import shield_loader_workers
 from savegame.worker.torch_buffers import bytes_view as _bytes_view
 
 
@@ -132,7 +130,7 @@ class TorchAdapter:
     def prepare_loader(self, loader: Iterable[Any], epoch: int, skip_batches: int,
                        mid_epoch: bool) -> tuple[Iterator[Any], int]:
         """Point a ResumableSampler at this epoch and resume position; returns (iterator, batches skipped)."""
-        _shield_loader_workers(loader)
+        shield_loader_workers(loader)
         sampler, batch_size = _resumable_sampler(loader)
         skipped = 0
         if sampler is not None:
@@ -144,41 +142,6 @@ class TorchAdapter:
         with preserved_rng() if mid_epoch else contextlib.nullcontext():
             iterator = iter(loader)
         return iterator, skipped
-
-
-def _shield_loader_workers(loader: Any) -> None:
-    """Make a DataLoader's worker processes survive stop and checkpoint requests meant for the main one."""
-    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, StopSignalShield):
-        loader.worker_init_fn = StopSignalShield(loader.worker_init_fn)
-
-
-class StopSignalShield:
-    """A DataLoader `worker_init_fn` (wrapping the user's) for workers that outlive a stop request.
-
-    A SIGTERM to the whole process group (systemd's default KillMode, SLURM's scancel, `kill -TERM
-    -PGID`) would kill the DataLoader workers, and PyTorch would then raise in the main process in
-    the middle of its emergency save. Shielded workers ignore SIGTERM unless it comes from the main
-    process itself (multiprocessing's terminate() at exit) or the main process is gone; the main
-    process saves, then shuts them down as usual. SIGUSR1 (checkpoint now) is ignored outright.
-    """
-
-    def __init__(self, inner: Any = None) -> None:
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        parent = os.getppid()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
-        threading.Thread(target=_await_sigterm, args=(parent,), name="savegame-sigterm", daemon=True).start()
-        if self.inner is not None:
-            self.inner(worker_id)
-
-
-def _await_sigterm(parent: int) -> None:
-    while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent or os.getppid() != parent:
-            os._exit(128 + signal.SIGTERM)
 
 
 def _tensor_names(state: dict[str, Any]) -> set[str]:
