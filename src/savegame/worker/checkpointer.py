@@ -20,19 +20,20 @@ import logging
 import os
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional
 
 from savegame import protocol
-from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
-from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint
+from savegame.config import explicit_for_worker
+from savegame.errors import ConfigError, CorruptCheckpoint
 from savegame.storage import CheckpointInfo, CheckpointStore
-from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
+from savegame.strategies import History, Moment, is_better, next_history
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader, make_adapter
 from savegame.worker.codec import Encoder, decode
+from savegame.worker.commits import Commits, apply_retention
 from savegame.worker.exits import exit_config, exit_io, say, say_now
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
+from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources
 from savegame.worker.signals import StopRequests
 from savegame.worker.writer import BackgroundWriter, SaveJob
 
@@ -52,11 +53,11 @@ class Checkpointer:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
         try:
-            self.dir = self._choose_dir(dir)
-            self.config = self._load_config(locals())
+            self.dir = choose_dir(dir)
+            self.config = load_config(locals())
             # Steps per epoch, when known (batches() takes it from len(loader)). Without it a periodic
             # save due at a step that may end the epoch waits for the next boundary (see _defer).
-            self.epoch_length: Optional[int] = _positive_int("steps_per_epoch", steps_per_epoch)
+            self.epoch_length: Optional[int] = positive_int("steps_per_epoch", steps_per_epoch)
         except ConfigError as exc:
             exit_config(exc)
         self.store = CheckpointStore(self.dir)
@@ -76,10 +77,8 @@ class Checkpointer:
         if not self.supervised:  # at a terminal: say at once what Ctrl-C does
             self._requests.on_interrupt = lambda: say_now("interrupted: saving a checkpoint at the next step; "
                                                           "press Ctrl-C again to quit at once")
-        self._writer = BackgroundWriter(self.store, self._on_write_done)
-        self._committed_step: Optional[int] = None
-        self._failed_saves = 0
-        self._save_error: Optional[BaseException] = None  # why the last save failed (None: it did not)
+        self._commits = Commits(self._link, self._committed)
+        self._writer = BackgroundWriter(self.store, self._commits.done)
         self._resume_mid_epoch = False
         self._epoch_open = False
         self._deferred: Optional[str] = None  # a periodic save put off to the next boundary
@@ -88,29 +87,6 @@ class Checkpointer:
         self.uses_epochs = False
 
     # -- set-up ---------------------------------------------------------------------------------
-
-    def _choose_dir(self, given: Optional[str]) -> str:
-        env_dir = os.environ.get(protocol.ENV_DIR)
-        if given and env_dir and os.path.abspath(given) != os.path.abspath(env_dir):
-            raise ConfigError(f"the script saves to {given}, but `savegame run` watches {env_dir}: "
-                              f"leave the script's folder unset (it defaults to $SAVEGAME_DIR) or run "
-                              f"`savegame run --dir {given}`")
-        return given or env_dir or "./checkpoints"
-
-    def _load_config(self, args: Mapping[str, Any]) -> RunConfig:
-        script: dict[str, Any] = {k: args[k] for k in ("monitor", "regime") if args[k] is not None}
-        if args["monitor"] is not None:
-            script["mode"] = args["mode"]
-        save = {k: args[k] for k in ("every_steps", "every_epochs", "every_seconds", "min_delta") if args[k] is not None}
-        keep = {name: args[f"keep_{name}"] for name in ("last", "best") if args[f"keep_{name}"] is not None}
-        layers = [Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
-                                              **({"keep": keep} if keep else {})})]
-        config_path = os.environ.get(protocol.ENV_CONFIG)
-        if config_path:
-            import json
-            with open(config_path, encoding="utf-8") as f:
-                layers.append(Layer(f"daemon settings ({config_path})", json.load(f)))
-        return build_config(layers)
 
     def track(self, **objects: Any) -> "Checkpointer":
         """Register what to save: model=, optimizer=, scheduler=, scaler=, sampler=, ... (any names)."""
@@ -138,7 +114,7 @@ class Checkpointer:
 
     def restore(self) -> Optional[CheckpointInfo]:
         """Load the checkpoint to resume from, if any. Returns it, or None for a fresh start."""
-        for store, info in self._resume_candidates():
+        for store, info in resume_sources(self.store, self.config, self.supervised):
             try:
                 self._load(store, info)
             except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
@@ -160,29 +136,6 @@ class Checkpointer:
         self._report("started", policy=explicit_for_worker(self.config))
         return None
 
-    def _resume_candidates(self) -> list[tuple[CheckpointStore, CheckpointInfo]]:
-        chosen = os.environ.get(protocol.ENV_RESUME_FROM)
-        if self.supervised or chosen:
-            if not chosen:
-                return []  # the daemon chose a fresh start
-            store = CheckpointStore(os.path.dirname(os.path.abspath(chosen)))
-            name = os.path.basename(os.path.abspath(chosen))
-            scan = store.scan()
-            found = [c for c in scan.committed if c.name == name]
-            if not found:
-                why = [p.problem for p in scan.damaged if p.name == name]
-                log.error("asked to resume from %s, which is not a committed checkpoint%s", chosen,
-                          f": {why[0]}" if why else "")
-                raise SystemExit(protocol.EXIT_BAD_CHECKPOINT)
-            return [(store, found[0])]
-        self.store.collect_garbage()
-        monitor = self.config.monitor
-        scan = self.store.scan()
-        for problem in scan.damaged:
-            log.warning("not resuming from %s: %s", self.store.path_of(problem.name), problem.problem)
-        ranked = resume_candidates(scan.committed, self.config["resume"], *(monitor or (None, "max")))
-        return [(self.store, info) for info in ranked]
-
     def _load(self, store: CheckpointStore, info: CheckpointInfo) -> None:
         reader = CheckpointReader(store, info)
         core = reader.state
@@ -197,7 +150,7 @@ class Checkpointer:
         self._history = History(last_step=info.step, last_time=time.monotonic(), best=best)
         set_rng_state(core.get("rng", {}))
         self.resumed_from = info.step
-        self._committed_step = info.step
+        self._commits.step = info.step
         self._resume_mid_epoch = self.progress.batch_in_epoch > 0
 
     # -- the training loop ----------------------------------------------------------------------
@@ -325,15 +278,15 @@ class Checkpointer:
         step = self.progress.step
         if step == self._writer.inflight_step:
             self._writer.wait()  # the same state is being written: wait, and retry only if it failed
-        if step == self._committed_step:
+        if step == self._commits.step:
             return  # this exact state is already committed
         if self._adapter is None:
             exit_config(ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first"))
         self._writer.wait()  # back-pressure: the buffers are free once the last save is written
-        if self._failed_saves >= MAX_FAILED_SAVES:
+        if self._commits.failures >= MAX_FAILED_SAVES:
             self.close()
-            exit_io(f"{self._failed_saves} checkpoints in a row failed to save; stopping rather than training on "
-                    f"without a way back: {self._save_error}")
+            exit_io(f"{self._commits.failures} checkpoints in a row failed to save; stopping rather than training "
+                    f"on without a way back: {self._commits.error}")
         self._deferred = None  # whatever was put off is in this save
         capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
         capture = (capture_in_place or self._adapter.capture)()
@@ -347,32 +300,9 @@ class Checkpointer:
                 "user": Encoder(lambda _: False).encode(self.state, "user"),
                 "history": {"best": self._history.best}}
 
-    def _on_write_done(self, job: SaveJob, info: Optional[CheckpointInfo], error: Optional[BaseException]) -> None:
-        """Runs on the writer thread when a save is committed or has failed."""
-        if error is not None:
-            exists = isinstance(error, CheckpointExists)
-            self._failed_saves += 0 if exists else 1
-            self._save_error = None if exists else error
-            if exists or job.reason not in ("final", "emergency"):  # the training thread reports those two
-                (log.warning if exists else log.error)("checkpoint at step %d not saved: %s", job.step, error)
-            self._link.send("save-failed", step=job.step, error=str(error))
-            return
-        assert info is not None
-        self._failed_saves = 0
-        self._save_error = None
-        self._committed_step = info.step
-        log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
-        self._link.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
-                          bytes=info.bytes, metrics=dict(info.metrics))
-        if not self.supervised:
-            self._apply_retention()
-
-    def _apply_retention(self) -> None:
-        protected = {self.resumed_from: "resume source"} if self.resumed_from is not None else {}
-        plan = plan_retention(self.store.list(), self.config.retention(), datetime.now(timezone.utc),
-                              monitor=self.config.monitor, protected=protected)  # type: ignore[arg-type]
-        for step in plan.delete:
-            self.store.delete(step)
+    def _committed(self, info: CheckpointInfo) -> None:
+        if not self.supervised:  # the daemon applies retention to what it supervises
+            apply_retention(self.store, self.config, self.resumed_from)
 
     # -- stopping -------------------------------------------------------------------------------
 
@@ -397,8 +327,8 @@ class Checkpointer:
         """Save this step from live memory and wait for the commit; exit 74 when it did not reach the disk."""
         self._save(reason, metrics, in_place=True)
         self._writer.wait()
-        if self._committed_step != self.progress.step and self._save_error is not None:
-            error = self._save_error
+        error = self._commits.error
+        if self._commits.step != self.progress.step and error is not None:
             self.close()
             exit_io(f"the {reason} checkpoint (step {self.progress.step}) was not saved: {error}")
 
@@ -419,12 +349,6 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _positive_int(name: str, value: Any) -> Optional[int]:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        exit_config(ConfigError(f"{name} = {value!r}: must be a positive integer (or None: unknown)"))
-    return value
 
 
 def _no_tensors(name: str) -> Any:
