@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.log_every and (ckpt.progress.step + 1) % args.log_every == 0:
                 print(f"step {ckpt.progress.step + 1} loss {loss.item():.4f}", flush=True)
         scheduler.step()
-        val_loss, val_acc = evaluate(model, val_loader)
+        with ckpt.keepalive("evaluating"):  # heartbeats while no step boundary comes (--hang-timeout)
+            val_loss, val_acc = evaluate(model, val_loader)
         ckpt.end_epoch(val_acc=val_acc, val_loss=val_loss)  # saves; keeps the best by val_acc
         print(f"epoch {epoch + 1}/{args.epochs}: val_loss {val_loss:.4f} val_acc {val_acc:.4f} "
               f"(best {ckpt.best:.4f})", flush=True)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             loss = train_step(x, y)
             log.write(event="batch", step=ckpt.progress.step + 1, epoch=epoch, batch=ckpt.progress.batch_in_epoch,
                       ids=hashlib.sha1(ids.numpy().tobytes()).hexdigest()[:16])
-        accuracy = evaluate()
+        with ckpt.keepalive("evaluating"):  # heartbeats while no step boundary comes (--hang-timeout)
+            accuracy = evaluate()
         log.write(event="epoch", epoch=epoch, step=ckpt.progress.step, val_accuracy=accuracy)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {float(loss):.4f} val_accuracy {accuracy:.4f}", flush=True)
         ckpt.end_epoch(val_accuracy=accuracy, loss=float(loss))

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -114,3 +114,40 @@ def savegame_env() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+
+FRAMEWORKS = ROOT / "tests" / "frameworks"
+FRAMEWORK_TIERS = ({"frameworks"}, {"frameworks", "chaos"})  # the tier markers a test there may carry
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> Optional[bool]:
+    """When the marker expression (-m) selects none of the tests in tests/frameworks/, their modules
+    are not even imported: some import torch at module level (test_torch_devices, test_torch_io,
+    test_torch_refuse), which made `pytest -m unit` pay seconds of framework imports for tests it
+    then deselected."""
+    if collection_path.parent != FRAMEWORKS or not collection_path.name.startswith("test_"):
+        return None
+    expression = config.getoption("markexpr")
+    if not expression:
+        return None
+    try:
+        from _pytest.mark.expression import Expression  # no public API evaluates a marker expression
+
+        compiled = Expression.compile(expression)
+        if any(compiled.evaluate(lambda name, /, **kwargs: name in marks) for marks in FRAMEWORK_TIERS):
+            return None
+    except Exception:  # noqa: BLE001 - an expression pytest itself reports, or another pytest: collect as usual
+        return None
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep what pytest_ignore_collect relies on true: tests in tests/frameworks/ carry the tiers above."""
+    tiers = {m.split(":")[0].strip() for m in config.getini("markers")}
+    for item in items:
+        if item.path.parent == FRAMEWORKS:
+            marks = {m.name for m in item.iter_markers()} & tiers
+            if marks not in FRAMEWORK_TIERS:
+                raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marks)}; tests in tests/frameworks/ "
+                                        f"are marked {' or '.join(str(sorted(t)) for t in FRAMEWORK_TIERS)}")

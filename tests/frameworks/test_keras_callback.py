@@ -92,6 +92,14 @@ def test_mid_epoch_resume_without_data_restarts_the_epoch(results: dict[str, Any
     assert r["warned"] is True
 
 
+def test_a_crafted_extra_of_another_dtype_is_refused_with_78(results: dict[str, Any]) -> None:
+    assert results["crafted_extra"] == 78
+
+
+def test_signals_are_taken_over_only_while_fit_trains(results: dict[str, Any]) -> None:
+    assert results["signals"] == {"made": True, "training": True, "after": True}
+
+
 # -- the cases, run in their own process ---------------------------------------------------------------
 
 def _cases(tmp: str) -> dict[str, Any]:
@@ -204,6 +212,22 @@ def _cases(tmp: str) -> dict[str, Any]:
     loaded = keras.models.load_model(os.path.join(listing[-1].path, "model.keras"), safe_mode=True)
     out["keras_file_loads"] = bool(np.allclose(loaded.predict(x, verbose=0), loaded.predict(x, verbose=0)))
 
+    # a crafted state.safetensors (checksums recomputed): a metric's state as I32 where the model's is F32
+    import shutil
+
+    from test_crafted_payloads import read_tensors, retype, rewrite
+    crafted = Path(tmp, "crafted", Path(listing[-1].path).name)
+    shutil.copytree(listing[-1].path, crafted)
+    name, _dtype, shape, _data = next(t for t in read_tensors(crafted)[1] if t[1] == "F32")
+    rewrite(crafted, retype(name, "I32", shape, 4))
+    batches = ResumableBatches(x, y, batch_size=16, seed=0)
+    try:
+        model().fit(batches, epochs=2, verbose=0, shuffle=False,
+                    callbacks=[SavegameCallback(str(crafted.parent), data=batches)])
+        out["crafted_extra"] = "loaded"
+    except SystemExit as exc:
+        out["crafted_extra"] = exc.code
+
     m = model()
     m.compile(optimizer="adam", loss="sparse_categorical_crossentropy", steps_per_execution=2)
     try:
@@ -211,6 +235,18 @@ def _cases(tmp: str) -> dict[str, Any]:
         out["steps_per_execution"] = "accepted"
     except Exception as exc:  # noqa: BLE001
         out["steps_per_execution"] = str(exc)
+
+    # signals: taken over while fit trains (from on_train_begin), given back after it, not when the callback is made
+    cb = SavegameCallback(os.path.join(tmp, "signals"))
+    seen = {"made": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            seen["training"] = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+
+    model().fit(x, y, epochs=1, verbose=0, callbacks=[cb, Probe()])
+    seen["after"] = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    out["signals"] = seen
 
     # resuming mid-epoch without data=: the interrupted epoch starts again (warned)
     fit("no_data", [0.5, 0.6, 0.7], 3, stop_after=6, data=False, save_freq=2, keep_last=100)

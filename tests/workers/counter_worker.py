@@ -31,7 +31,9 @@ parser.add_argument("--best-epoch", type=int, help="with --metric: the loss is l
 args = parser.parse_args()
 
 weights = np.zeros(max(1, int(args.size_mb * 2**20 / 4)), dtype=np.float32)
-ckpt = savegame.Checkpointer(every_steps=args.every, monitor="loss" if args.metric else None, mode="min")
+epoch_steps = args.epoch_steps or args.steps
+ckpt = savegame.Checkpointer(every_steps=args.every, monitor="loss" if args.metric else None, mode="min",
+                             steps_per_epoch=epoch_steps)  # so a save due at an epoch's last step is not put off
 ckpt.track(weights=weights)
 info = ckpt.restore()
 if info is not None and not np.all(weights == ckpt.progress.step):
@@ -42,7 +44,7 @@ if args.ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 seen = ckpt.state.setdefault("seen", [])
 log = open(args.log, "a") if args.log else None
-epoch_steps = args.epoch_steps or args.steps
+ckpt.start_training()  # stop signals are handled from here on: the first step is covered too
 
 while ckpt.progress.step < args.steps:
     step = ckpt.progress.step

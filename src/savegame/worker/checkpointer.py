@@ -18,26 +18,28 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Mapping, NoReturn, Optional
+from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional
 
 from savegame import protocol
-from savegame.config import Layer, RunConfig, build_config, explicit_for_worker
-from savegame.errors import CheckpointExists, ConfigError, CorruptCheckpoint, StorageError
+from savegame.config import explicit_for_worker
+from savegame.errors import ConfigError, CorruptCheckpoint
 from savegame.storage import CheckpointInfo, CheckpointStore
-from savegame.strategies import History, Moment, is_better, next_history, plan_retention, resume_candidates
-from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
+from savegame.strategies import History, Moment, is_better, next_history
+from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader, make_adapter
 from savegame.worker.codec import Encoder, decode
+from savegame.worker.commits import Commits, apply_retention
+from savegame.worker.exits import exit_config, exit_io, say, say_now
+from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
+from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources
 from savegame.worker.signals import StopRequests
 from savegame.worker.writer import BackgroundWriter, SaveJob
 
 log = logging.getLogger("savegame.worker")
-HEARTBEAT_INTERVAL_S = 0.5
 MAX_FAILED_SAVES = 3
+__all__ = ["Checkpointer", "HEARTBEAT_INTERVAL_S"]
 
 
 class Checkpointer:
@@ -46,13 +48,18 @@ class Checkpointer:
                  every_epochs: Optional[int] = None, every_seconds: Optional[float] = None,
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
-                 handle_signals: bool = True, initial_best: Optional[float] = None) -> None:
-        self.supervised = bool(os.environ.get(protocol.ENV_EVENTS))
+                 handle_signals: bool = True, initial_best: Optional[float] = None,
+                 steps_per_epoch: Optional[int] = None) -> None:
+        self._link = DaemonLink(self._status)
+        self.supervised = self._link.supervised
         try:
-            self.dir = self._choose_dir(dir)
-            self.config = self._load_config(locals())
+            self.dir = choose_dir(dir)
+            self.config = load_config(locals())
+            # Steps per epoch, when known (batches() takes it from len(loader)). Without it a periodic
+            # save due at a step that may end the epoch waits for the next boundary (see _defer).
+            self.epoch_length: Optional[int] = positive_int("steps_per_epoch", steps_per_epoch)
         except ConfigError as exc:
-            _exit_config(exc)
+            exit_config(exc)
         self.store = CheckpointStore(self.dir)
         self.run_id = os.environ.get(protocol.ENV_RUN_ID) or uuid.uuid4().hex[:12]
         self.progress = Progress()
@@ -64,54 +71,30 @@ class Checkpointer:
         self._schedule = self.config.schedule()
         self._initial_best = initial_best  # a best to beat before anything counts as "best" (Keras' initial_value_threshold)
         self._history = History(last_time=time.monotonic(), best=initial_best)
-        self._events = protocol.DatagramSender(os.environ.get(protocol.ENV_EVENTS))
-        progress_path = os.environ.get(protocol.ENV_PROGRESS)
-        self._progress_cell = protocol.ProgressCell(progress_path) if progress_path else None
         self._requests = StopRequests()
-        if handle_signals:
-            self._requests.install()
-        self._writer = BackgroundWriter(self.store, self._on_write_done)
-        self._committed_step: Optional[int] = None
-        self._failed_saves = 0
-        self._last_heartbeat = 0.0
+        self._handle_signals = handle_signals
+        self._training = False  # signals are taken over at the first training call, not before
+        if not self.supervised:  # at a terminal: say at once what Ctrl-C does
+            self._requests.on_interrupt = lambda: say_now("interrupted: saving a checkpoint at the next step; "
+                                                          "press Ctrl-C again to quit at once")
+        self._commits = Commits(self._link, self._committed)
+        self._writer = BackgroundWriter(self.store, self._commits.done)
         self._resume_mid_epoch = False
         self._epoch_open = False
-        # Batches per epoch, when known. A periodic save due on an epoch's last batch is left to the
-        # epoch end right after it: same step, but with the epoch's metrics (one checkpoint per step).
-        self.epoch_length: Optional[int] = None
+        self._deferred: Optional[str] = None  # a periodic save put off to the next boundary
+        # True once the script works in epochs (epochs(), batches(), end_epoch(), the Keras callback): a
+        # periodic save is only put off for an epoch end then; a plain step loop saves at exact steps.
+        self.uses_epochs = False
 
     # -- set-up ---------------------------------------------------------------------------------
-
-    def _choose_dir(self, given: Optional[str]) -> str:
-        env_dir = os.environ.get(protocol.ENV_DIR)
-        if given and env_dir and os.path.abspath(given) != os.path.abspath(env_dir):
-            raise ConfigError(f"the script saves to {given}, but `savegame run` watches {env_dir}: "
-                              f"leave the script's folder unset (it defaults to $SAVEGAME_DIR) or run "
-                              f"`savegame run --dir {given}`")
-        return given or env_dir or "./checkpoints"
-
-    def _load_config(self, args: Mapping[str, Any]) -> RunConfig:
-        script: dict[str, Any] = {k: args[k] for k in ("monitor", "regime") if args[k] is not None}
-        if args["monitor"] is not None:
-            script["mode"] = args["mode"]
-        save = {k: args[k] for k in ("every_steps", "every_epochs", "every_seconds", "min_delta") if args[k] is not None}
-        keep = {name: args[f"keep_{name}"] for name in ("last", "best") if args[f"keep_{name}"] is not None}
-        layers = [Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
-                                              **({"keep": keep} if keep else {})})]
-        config_path = os.environ.get(protocol.ENV_CONFIG)
-        if config_path:
-            import json
-            with open(config_path, encoding="utf-8") as f:
-                layers.append(Layer(f"daemon settings ({config_path})", json.load(f)))
-        return build_config(layers)
 
     def track(self, **objects: Any) -> "Checkpointer":
         """Register what to save: model=, optimizer=, scheduler=, scaler=, sampler=, ... (any names)."""
         if self._adapter is None:
             try:
-                self._adapter = _make_adapter(self._framework, objects)
+                self._adapter = make_adapter(self._framework, objects)
             except ConfigError as exc:
-                _exit_config(exc)
+                exit_config(exc)
             bind = getattr(self._adapter, "bind", None)
             if bind is not None:
                 bind(self)  # adapters that save the step counter read self.progress at capture time
@@ -131,15 +114,15 @@ class Checkpointer:
 
     def restore(self) -> Optional[CheckpointInfo]:
         """Load the checkpoint to resume from, if any. Returns it, or None for a fresh start."""
-        for store, info in self._resume_candidates():
+        for store, info in resume_sources(self.store, self.config, self.supervised):
             try:
                 self._load(store, info)
             except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
-                _exit_config(exc)
+                exit_config(exc)
             except (CorruptCheckpoint, ValueError) as exc:  # ValueError: malformed contents
                 if self.supervised:
                     log.error("cannot resume from %s: %s", info.path, exc)
-                    self._events.send("bad-checkpoint", step=info.step, problem=str(exc))
+                    self._link.send("bad-checkpoint", step=info.step, problem=str(exc))
                     raise SystemExit(protocol.EXIT_BAD_CHECKPOINT) from None
                 log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
                 continue
@@ -152,29 +135,6 @@ class Checkpointer:
                                     f"damaged checkpoints away (see `savegame verify {self.dir}`) and start again")
         self._report("started", policy=explicit_for_worker(self.config))
         return None
-
-    def _resume_candidates(self) -> list[tuple[CheckpointStore, CheckpointInfo]]:
-        chosen = os.environ.get(protocol.ENV_RESUME_FROM)
-        if self.supervised or chosen:
-            if not chosen:
-                return []  # the daemon chose a fresh start
-            store = CheckpointStore(os.path.dirname(os.path.abspath(chosen)))
-            name = os.path.basename(os.path.abspath(chosen))
-            scan = store.scan()
-            found = [c for c in scan.committed if c.name == name]
-            if not found:
-                why = [p.problem for p in scan.damaged if p.name == name]
-                log.error("asked to resume from %s, which is not a committed checkpoint%s", chosen,
-                          f": {why[0]}" if why else "")
-                raise SystemExit(protocol.EXIT_BAD_CHECKPOINT)
-            return [(store, found[0])]
-        self.store.collect_garbage()
-        monitor = self.config.monitor
-        scan = self.store.scan()
-        for problem in scan.damaged:
-            log.warning("not resuming from %s: %s", self.store.path_of(problem.name), problem.problem)
-        ranked = resume_candidates(scan.committed, self.config["resume"], *(monitor or (None, "max")))
-        return [(self.store, info) for info in ranked]
 
     def _load(self, store: CheckpointStore, info: CheckpointInfo) -> None:
         reader = CheckpointReader(store, info)
@@ -190,13 +150,26 @@ class Checkpointer:
         self._history = History(last_step=info.step, last_time=time.monotonic(), best=best)
         set_rng_state(core.get("rng", {}))
         self.resumed_from = info.step
-        self._committed_step = info.step
+        self._commits.step = info.step
         self._resume_mid_epoch = self.progress.batch_in_epoch > 0
 
     # -- the training loop ----------------------------------------------------------------------
 
+    def start_training(self) -> None:
+        """Called by the first training call (epochs(), batches(), step(), end_epoch(), the Keras
+        callback's on_train_begin): take over the stop signals and announce this process to the daemon.
+        Until then a script that only loads weights keeps its own signal handling."""
+        if self._training:
+            return
+        self._training = True
+        handles = self._requests.install() if self._handle_signals else []
+        if self.supervised:
+            self._link.hello(handles)
+
     def epochs(self, total: int) -> Iterator[int]:
         """Epoch indices from where the run stands to `total` - 1."""
+        self.start_training()
+        self.uses_epochs = True
         while self.progress.epoch < total:
             self._epoch_open = True
             yield self.progress.epoch
@@ -205,11 +178,13 @@ class Checkpointer:
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Iterate a loader from the resume position; each batch's end is a step boundary."""
+        self.start_training()
+        self.uses_epochs = True
         skip = self.progress.batch_in_epoch if self._resume_mid_epoch else 0
         try:
             self.epoch_length = len(loader)  # type: ignore[arg-type]  # the full epoch: not yet fast-forwarded
         except TypeError:
-            pass  # a loader without a length: the epoch end may find its step already saved
+            pass  # a loader without a length: steps_per_epoch, if given, still holds
         prepare = getattr(self._adapter, "prepare_loader", None)
         iterator, skipped = (prepare(loader, self.progress.epoch, skip, self._resume_mid_epoch)
                              if prepare else (iter(loader), 0))
@@ -222,12 +197,15 @@ class Checkpointer:
 
     def step(self, **metrics: float) -> None:
         """A step boundary: count the step, then save, stop or report as needed."""
+        self.start_training()
         self.progress.step += 1
         self.progress.batch_in_epoch += 1
         self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), False, metrics))
 
     def end_epoch(self, **metrics: float) -> None:
         """An epoch boundary, with the epoch's validation metrics (they go into the manifest)."""
+        self.start_training()
+        self.uses_epochs = True
         self._epoch_open = False
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
@@ -235,15 +213,15 @@ class Checkpointer:
         self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), True, self.metrics))
 
     def _boundary(self, moment: Moment) -> None:
-        if self._progress_cell is not None:
-            self._progress_cell.write(moment.step)
-        self._heartbeat()
+        self._link.boundary(moment.step)
+        if self._link.gone and not self._requests.stop:  # killed (-9): nobody would stop or restart this worker
+            log.error("the daemon is gone (nobody reads %s): saving an emergency checkpoint and exiting 75; "
+                      "`savegame run` resumes from it", self._link.address)
+            self._requests.stop = True
         stop = self._requests.stop
         reason = None if stop else ("manual" if self._requests.take_checkpoint()
                                     else self._schedule.due(moment, self._history))
-        if reason == "periodic" and not moment.at_epoch_end and self.epoch_length is not None \
-                and self.progress.batch_in_epoch >= self.epoch_length:
-            reason = None  # the epoch end saves this step
+        reason = self._defer(reason, moment)
         monitor = self.config.monitor
         # Update the history first: the checkpoint saved here must hold this boundary's best value.
         self._history = next_history(self._history, moment, stop or bool(reason), *(monitor or (None, "max")),
@@ -252,6 +230,30 @@ class Checkpointer:
             self._stop(moment)
         if reason:
             self._save(reason, moment.metrics)
+
+    def _defer(self, reason: Optional[str], moment: Moment) -> Optional[str]:
+        """A periodic save due at a step that may be the epoch's last (unknown epoch length, or the
+        last batch) waits one boundary: an end_epoch() at this step then saves it with the epoch's
+        metrics (as "best" when it improved); otherwise the next step saves. Deferred once only."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None and reason == "periodic" and not moment.at_epoch_end and self.uses_epochs \
+                and (self.epoch_length is None or self.progress.batch_in_epoch >= self.epoch_length):
+            self._deferred = reason
+            return None
+        return reason or deferred
+
+    def heartbeat(self) -> bool:
+        """Tell the daemon this worker is alive (rate-limited; a no-op without a daemon). True if sent."""
+        return self._link.heartbeat()
+
+    def keepalive(self, activity: str = "busy") -> ContextManager[None]:
+        """Heartbeats every HEARTBEAT_INTERVAL_S from a helper thread while the block runs, so a long
+        evaluation is not taken for a hang (`--hang-timeout`):
+
+            with ckpt.keepalive("evaluating"):
+                val_acc = evaluate(model)
+        """
+        return self._link.keepalive(activity)
 
     @property
     def best(self) -> Optional[float]:
@@ -276,14 +278,16 @@ class Checkpointer:
         step = self.progress.step
         if step == self._writer.inflight_step:
             self._writer.wait()  # the same state is being written: wait, and retry only if it failed
-        if step == self._committed_step:
+        if step == self._commits.step:
             return  # this exact state is already committed
         if self._adapter is None:
-            raise ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first")
+            exit_config(ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first"))
         self._writer.wait()  # back-pressure: the buffers are free once the last save is written
-        if self._failed_saves >= MAX_FAILED_SAVES:
-            raise StorageError(f"{self._failed_saves} checkpoints in a row failed to save (see the log); "
-                               "stopping rather than training on without a way back")
+        if self._commits.failures >= MAX_FAILED_SAVES:
+            self.close()
+            exit_io(f"{self._commits.failures} checkpoints in a row failed to save; stopping rather than training "
+                    f"on without a way back: {self._commits.error}")
+        self._deferred = None  # whatever was put off is in this save
         capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
         capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
@@ -296,66 +300,49 @@ class Checkpointer:
                 "user": Encoder(lambda _: False).encode(self.state, "user"),
                 "history": {"best": self._history.best}}
 
-    def _on_write_done(self, job: SaveJob, info: Optional[CheckpointInfo], error: Optional[BaseException]) -> None:
-        """Runs on the writer thread when a save is committed or has failed."""
-        if error is not None:
-            exists = isinstance(error, CheckpointExists)
-            self._failed_saves += 0 if exists else 1
-            level = log.warning if exists else log.error
-            level("checkpoint at step %d not saved: %s", job.step, error)
-            self._events.send("save-failed", step=job.step, error=str(error))
-            return
-        assert info is not None
-        self._failed_saves = 0
-        self._committed_step = info.step
-        log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
-        self._events.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
-                          bytes=info.bytes, metrics=dict(info.metrics))
-        if not self.supervised:
-            self._apply_retention()
-
-    def _apply_retention(self) -> None:
-        protected = {self.resumed_from: "resume source"} if self.resumed_from is not None else {}
-        plan = plan_retention(self.store.list(), self.config.retention(), datetime.now(timezone.utc),
-                              monitor=self.config.monitor, protected=protected)  # type: ignore[arg-type]
-        for step in plan.delete:
-            self.store.delete(step)
+    def _committed(self, info: CheckpointInfo) -> None:
+        if not self.supervised:  # the daemon applies retention to what it supervises
+            apply_retention(self.store, self.config, self.resumed_from)
 
     # -- stopping -------------------------------------------------------------------------------
 
     def _stop(self, moment: Moment) -> None:
         """Emergency: commit this step's state (unless it already is), then exit 75."""
-        self._events.send("saving", step=moment.step, reason="emergency")
-        self._save("emergency", moment.metrics if moment.at_epoch_end else {}, in_place=True)
-        self._writer.wait()
-        if self._failed_saves:
-            log.error("the emergency checkpoint failed; exiting without it")
-            self.close()
-            raise SystemExit(protocol.EXIT_FAILED)
+        self._link.send("saving", step=moment.step, reason="emergency")
+        self._commit_now("emergency", moment.metrics if moment.at_epoch_end else {})
         self._report("stopping")
         self.close()
+        if self._requests.interrupted and not self.supervised:
+            say(f"interrupted: saved step {moment.step} (emergency); run again to resume")
         raise SystemExit(protocol.EXIT_SAVED_RESUME_ME)
 
     def finish(self) -> None:
-        """End of training: commit the final state, wait for it, tell the daemon."""
-        self._save("final", self.metrics, in_place=True)
-        self._writer.wait()
+        """End of training: commit the final state, wait for it, tell the daemon. A final state that
+        cannot be committed (a full disk) ends the process with exit 74, not a silent success."""
+        self._commit_now("final", self.metrics)
         self._report("finished")
         self.close()
 
-    def close(self) -> None:
-        self._writer.close()
-        self._events.close()
+    def _commit_now(self, reason: str, metrics: Mapping[str, float]) -> None:
+        """Save this step from live memory and wait for the commit; exit 74 when it did not reach the disk."""
+        self._save(reason, metrics, in_place=True)
+        self._writer.wait()
+        error = self._commits.error
+        if self._commits.step != self.progress.step and error is not None:
+            self.close()
+            exit_io(f"the {reason} checkpoint (step {self.progress.step}) was not saved: {error}")
 
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
-            self._last_heartbeat = now
-            self._report("heartbeat")
+    def close(self) -> None:
+        """Wait for the save in flight, give the signal handlers back, stop reporting."""
+        self._writer.close()
+        self._requests.restore()
+        self._link.close()
+
+    def _status(self) -> dict[str, Any]:
+        return {"step": self.progress.step, "epoch": self.progress.epoch, "resumed_from": self.resumed_from}
 
     def _report(self, event: str, **extra: Any) -> None:
-        self._events.send(event, step=self.progress.step, epoch=self.progress.epoch,
-                          resumed_from=self.resumed_from, time=time.time(), **extra)
+        self._link.report(event, **extra)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -364,40 +351,5 @@ class Checkpointer:
         self.close()
 
 
-def _exit_config(exc: ConfigError) -> NoReturn:
-    """A mistake in the script or its settings: say so and exit 78 (the daemon does not retry it)."""
-    print(f"savegame: configuration error: {exc}", file=sys.stderr, flush=True)
-    raise SystemExit(protocol.EXIT_CONFIG)
-
-
 def _no_tensors(name: str) -> Any:
     raise CorruptCheckpoint(f"unexpected tensor {name!r} in the script's state")
-
-
-def _make_adapter(framework: Optional[str], objects: Mapping[str, Any]) -> Adapter:
-    name = framework or _detect_framework(objects)
-    if name == "torch":
-        from savegame.worker.torch import TorchAdapter
-        return TorchAdapter()
-    if name == "keras":
-        from savegame.worker.keras import KerasAdapter
-        return KerasAdapter()
-    if name == "numpy":
-        from savegame.worker.numpy import NumpyAdapter
-        return NumpyAdapter()
-    if name == "tensorflow":
-        from savegame.worker.tensorflow import TensorFlowAdapter
-        return TensorFlowAdapter()
-    raise ConfigError(f"unknown framework {name!r}; use torch, keras, tensorflow or numpy")
-
-
-def _detect_framework(objects: Mapping[str, Any]) -> str:
-    for obj in objects.values():
-        module = type(obj).__module__.split(".")[0]
-        if module in ("torch", "keras", "tensorflow", "numpy"):
-            return module
-        for base in type(obj).__mro__:
-            root = base.__module__.split(".")[0]
-            if root in ("torch", "keras", "tensorflow"):
-                return root
-    raise ConfigError("cannot tell the framework of the tracked objects; pass framework='torch' (or keras, tensorflow)")

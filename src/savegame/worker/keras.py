@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import keras
 import numpy as np
 
-from savegame.errors import ConfigError, CorruptCheckpoint
+from savegame.errors import ConfigError, CorruptCheckpoint, UnsupportedFormat
 from savegame.worker.adapter import Capture, CheckpointReader
 from savegame.worker.keras_format import (KERAS_FILE, WEIGHTS_FILE, HostBuffers, build_optimizer, host_array,
                                           numpy_dtype, read_weights, record_layout, serialized_config,
@@ -135,7 +135,7 @@ class KerasAdapter:
         plan = _match_extras(state.get("extras", []), extras, reader)
         path = reader.verified_local_path(name)
         values = read_weights(path, layout, reader.info.path)
-        arrays = self._read_extras(reader)
+        arrays = self._read_extras(reader, plan)
         missing = [f"extra.{i}" for i, _kind, _t in plan if f"extra.{i}" not in arrays]
         if missing:
             raise CorruptCheckpoint(f"{reader.info.path}: tensors {missing[:3]} are missing")
@@ -160,15 +160,16 @@ class KerasAdapter:
                 target.assign(arrays[f"extra.{i}"])
         self.live_state_damaged = False
 
-    def _read_extras(self, reader: CheckpointReader) -> dict[str, np.ndarray]:
+    def _read_extras(self, reader: CheckpointReader, plan: list[tuple[int, str, Any]]) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
+        targets = {f"extra.{i}": (kind, target) for i, kind, target in plan}
 
         def allocate(info: TensorInfo) -> memoryview:
             array = np.empty(info.shape, dtype=numpy_dtype(_NUMPY_DTYPES[info.dtype]))
             arrays[info.name] = array
             return memoryview(array.reshape(-1).view(np.uint8))
 
-        reader.read_tensors(allocate)
+        reader.read_tensors(allocate, lambda infos: _check_extras(infos, targets, reader.info.path))
         return arrays
 
     def apply_pending_metrics(self) -> None:
@@ -207,6 +208,23 @@ def _match_extras(saved: list[dict[str, Any]], live: list[tuple[str, Any]],
     plan += [(i, e["kind"], None) for i, e in enumerate(saved) if e.get("kind") == "global_seed"
              or (e.get("kind") == "torch_rng" and keras.backend.backend() == "torch")]
     return plan
+
+
+def _check_extras(infos: list[TensorInfo], targets: dict[str, tuple[str, Any]], where: str) -> None:
+    """Before any byte is read: each extra fits the variable it goes into (dtype and shape), and the
+    torch generator state is a byte vector."""
+    for info in infos:
+        if info.dtype not in _NUMPY_DTYPES:
+            raise UnsupportedFormat(f"{where}: tensor {info.name} has dtype {info.dtype}, which Keras does not hold")
+        kind, target = targets.get(info.name, ("", None))
+        if target is not None and (tuple(target.shape) != info.shape
+                                   or _SAFETENSORS_DTYPES.get(str(target.dtype)) != info.dtype):
+            raise ConfigError(f"{where}: tensor {info.name} ({getattr(target, 'path', kind)}) is "
+                              f"{info.dtype}{list(info.shape)}, the model's is {target.dtype}{list(target.shape)}: "
+                              "the checkpoint does not fit this model")
+        if kind == "torch_rng" and (info.dtype != "U8" or len(info.shape) != 1):
+            raise CorruptCheckpoint(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, "
+                                    "not a random generator state (U8[n])")
 
 
 def _layout_keys(layout: list) -> list:

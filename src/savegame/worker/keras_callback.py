@@ -88,7 +88,10 @@ class SavegameCallback(keras.callbacks.Callback):
         adapter = self.adapter
         adapter.save_weights_only = self.save_weights_only
         _build_metrics(self.model, self.data)
-        if self.checkpointer.restore() is None:
+        restored = self.checkpointer.restore()
+        self.checkpointer.start_training()
+        self.checkpointer.uses_epochs = True  # fit trains in epochs, even when their length is unknown
+        if restored is None:
             return
         progress = self.checkpointer.progress
         self.model._initial_epoch = progress.epoch or None  # the hook Keras' BackupAndRestore uses

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from savegame.errors import ConfigError, CorruptCheckpoint
+from savegame.errors import ConfigError, CorruptCheckpoint, UnsupportedFormat
 from savegame.worker.adapter import Capture, CheckpointReader
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
@@ -62,6 +62,17 @@ class NumpyAdapter:
         live = {name: obj for name, obj in self.objects.items() if isinstance(obj, np.ndarray)}
         loaded: dict[str, np.ndarray] = {}
 
+        def check(infos: list[TensorInfo]) -> None:  # before any byte is read
+            for info in infos:
+                target = live.get(info.name)
+                if target is not None and (target.shape != info.shape or DTYPES.get(target.dtype) != info.dtype):
+                    raise ConfigError(f"{reader.info.path}: array {info.name} is {info.dtype}{list(info.shape)}, the "
+                                      f"script's is {DTYPES.get(target.dtype, target.dtype)}{list(target.shape)}: "
+                                      "the checkpoint does not fit this model")
+                if info.dtype not in NP_DTYPES:
+                    raise UnsupportedFormat(f"{reader.info.path}: array {info.name} has dtype {info.dtype}, "
+                                            "which NumPy does not hold")
+
         def allocate(info: TensorInfo) -> memoryview:
             target = live.get(info.name)
             if target is None or target.shape != info.shape or target.dtype != NP_DTYPES[info.dtype] \
@@ -70,7 +81,7 @@ class NumpyAdapter:
             loaded[info.name] = target
             return memoryview(target.reshape(-1).view(np.uint8))
 
-        reader.read_tensors(allocate)
+        reader.read_tensors(allocate, check)
 
         def tensor(name: str) -> np.ndarray:
             if name not in loaded:

@@ -14,12 +14,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
 
-from savegame.errors import CorruptCheckpoint, UnsupportedFormat
+from savegame.errors import CorruptCheckpoint, MalformedInput, UnsupportedFormat
 from savegame.storage.checksum import Hasher
+from savegame.untrusted import MAX_SAFE_INT, integer, load_json
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
             "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER = 100 << 20
+HEADER_DEPTH = 3  # {name: {"shape": [...]}}
+MAX_DIMS = 64
 READ_CHUNK = 64 << 20
 WRITE_CHUNK = 64 << 20
 
@@ -121,32 +124,68 @@ class TensorInfo:
         return self.end - self.start
 
 
-def parse_header(raw: bytes, where: str) -> tuple[list[TensorInfo], dict[str, str]]:
+def parse_header(raw: bytes, where: str, data_bytes: Optional[int] = None) -> tuple[list[TensorInfo], dict[str, str]]:
+    """The tensors a safetensors header describes, checked before any of their bytes is read.
+
+    Bounded JSON (size, nesting) with strict types: each entry exactly dtype, shape and data_offsets;
+    the offsets tile the data section (no gap, no overlap, nothing past its `data_bytes`, when known);
+    `__metadata__` an object of strings. What fails is a CorruptCheckpoint naming the tensor.
+    """
     try:
-        header = json.loads(raw)
-    except ValueError:
-        raise CorruptCheckpoint(f"{where}: the safetensors header is not JSON") from None
+        header = load_json(raw, what=f"{where}: the safetensors header", max_bytes=MAX_HEADER,
+                           max_depth=HEADER_DEPTH)
+    except MalformedInput as exc:
+        raise CorruptCheckpoint(str(exc)) from None
     if not isinstance(header, dict):
         raise CorruptCheckpoint(f"{where}: the safetensors header is not an object")
-    metadata = header.pop("__metadata__", None) or {}
-    infos = []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpoint(f"{where}: bad safetensors entry {name!r}") from None
-        if dtype not in ITEMSIZE:
-            raise UnsupportedFormat(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if end - start != _nbytes(dtype, shape) or start < 0:
-            raise CorruptCheckpoint(f"{where}: tensor {name!r} has inconsistent offsets")
-        infos.append(TensorInfo(name, dtype, shape, int(start), int(end)))
-    infos.sort(key=lambda i: i.start)
-    expected = 0
+    metadata = _metadata(header.pop("__metadata__", {}), where)
+    infos = sorted((_entry(name, value, where) for name, value in header.items()), key=lambda i: (i.start, i.end))
+    expected, previous = 0, "the header"
     for info in infos:
         if info.start != expected:
-            raise CorruptCheckpoint(f"{where}: safetensors data is not contiguous at {info.name!r}")
-        expected = info.end
+            problem = "overlap those of" if info.start < expected else "leave a gap after"
+            raise CorruptCheckpoint(f"{where}: the data_offsets of tensor {info.name!r} {problem} {previous!r}")
+        expected, previous = info.end, info.name
+    if data_bytes is not None and expected != data_bytes:
+        last = infos[-1].name if infos else "(none)"
+        where_it_ends = "beyond the end of the file" if expected > data_bytes else "short of the end of the file"
+        raise CorruptCheckpoint(f"{where}: the data of tensor {last!r} ends {where_it_ends} "
+                                f"({expected} bytes of data, the file holds {data_bytes})")
     return infos, metadata
+
+
+def _metadata(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise CorruptCheckpoint(f"{where}: the safetensors __metadata__ must be an object of strings")
+    return value
+
+
+_SHAPE_DIM = integer(0, MAX_SAFE_INT)
+_OFFSET = integer(0, MAX_SAFE_INT)
+
+
+def _entry(name: str, value: Any, where: str) -> TensorInfo:
+    what = f"{where}: tensor {name[:200]!r}"
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptCheckpoint(f"{what}: an entry must hold exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise UnsupportedFormat(f"{what} has unsupported dtype {str(dtype)[:20]!r}")
+    try:
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+            raise ValueError(f"must be a list of at most {MAX_DIMS} sizes")
+        dims = tuple(_SHAPE_DIM(d) for d in shape)
+    except (ValueError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{what}: shape {exc}") from None
+    try:
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise ValueError("must be [start, end]")
+        start, end = (_OFFSET(o) for o in offsets)
+    except (ValueError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{what}: data_offsets {exc}") from None
+    if end - start != _nbytes(dtype, dims):
+        raise CorruptCheckpoint(f"{what}: data_offsets [{start}, {end}] do not hold {dtype}{list(dims)}")
+    return TensorInfo(name, dtype, dims, start, end)
 
 
 class _BackgroundHasher:
@@ -181,7 +220,7 @@ def read_safetensors(stream: BinaryIO, allocate: Allocate, where: str,
     """
     hashing = _BackgroundHasher()
     try:
-        metadata = _read_all(stream, allocate, where, hashing, check)
+        metadata = _read_all(stream, allocate, where, hashing, check, None if expected is None else int(expected[0]))
         if stream.read(1):
             raise CorruptCheckpoint(f"{where}: the file is longer than its header says")
     finally:
@@ -192,15 +231,16 @@ def read_safetensors(stream: BinaryIO, allocate: Allocate, where: str,
 
 
 def _read_all(stream: BinaryIO, allocate: Allocate, where: str, hashing: _BackgroundHasher,
-              check: Optional[Callable[[list[TensorInfo]], None]] = None) -> dict[str, str]:
+              check: Optional[Callable[[list[TensorInfo]], None]] = None,
+              file_bytes: Optional[int] = None) -> dict[str, str]:
     prefix = _read_exact(stream, 8, where)
     hashing.update(memoryview(prefix))
     (length,) = struct.unpack("<Q", prefix)
-    if length > MAX_HEADER:
+    if length > MAX_HEADER or (file_bytes is not None and 8 + length > file_bytes):
         raise CorruptCheckpoint(f"{where}: the safetensors header claims {length} bytes; the file is damaged")
     raw = _read_exact(stream, length, where)
     hashing.update(memoryview(raw))
-    infos, metadata = parse_header(raw, where)
+    infos, metadata = parse_header(raw, where, None if file_bytes is None else file_bytes - 8 - length)
     if check is not None:
         check(infos)
     for info in infos:

@@ -22,12 +22,14 @@ import hashlib
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any, Iterable, Iterator, Optional
 
 import tensorflow as tf
 
 from savegame.errors import ConfigError, CorruptCheckpoint
+from savegame.storage.backends import STAGING_DIR
 from savegame.worker.adapter import Capture, CheckpointReader
 from savegame.worker.checkpointer import Checkpointer
 
@@ -100,7 +102,7 @@ class TensorFlowAdapter:
             raise ConfigError("nothing to save: track(model=..., optimizer=..., iterator=...) first")
         _build_optimizers(self.objects.values())
         self._step.assign(self._owner.progress.step if self._owner is not None else 0)
-        tmp = tempfile.mkdtemp(prefix="savegame-tf-")
+        tmp = self._scratch_folder()
         try:
             self._tf_checkpoint().write(os.path.join(tmp, PREFIX))
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
@@ -111,6 +113,17 @@ class TensorFlowAdapter:
         files = {f"{TF_DIR}/{name}": os.path.join(tmp, name) for name in sorted(os.listdir(tmp))}
         state = {"prefix": f"{TF_DIR}/{PREFIX}", "objects": sorted(self.objects)}
         return Capture(state=state, files=files, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
+
+    def _scratch_folder(self) -> str:
+        """Where TensorFlow writes before the writer copies the files in: the run folder's .staging/,
+        named like a staging folder (host, pid), so savegame's garbage collection (the next start, or
+        the daemon after a worker died) removes it when this process is killed mid-save."""
+        store = self._owner.store if self._owner is not None else None
+        if store is None or not store.is_local:
+            return tempfile.mkdtemp(prefix="savegame-tf-")  # removed after the copy; a kill leaves it
+        base = os.path.join(store.location.path, STAGING_DIR)
+        os.makedirs(base, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"tf-capture.{socket.gethostname()}.{os.getpid()}.", dir=base)
 
     # -- restoring ------------------------------------------------------------------------------
 

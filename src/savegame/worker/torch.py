@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import signal
-import threading
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
@@ -22,6 +19,7 @@ from savegame.worker.adapter import Capture, CheckpointReader
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
 from savegame.worker.torch_buffers import DTYPES, TORCH_DTYPES, HostBuffers
+from savegame.worker.torch_loader import shield_loader_workers
 from savegame.worker.torch_buffers import bytes_view as _bytes_view
 
 
@@ -77,17 +75,13 @@ class TorchAdapter:
         if missing:
             raise ConfigError(f"{reader.info.path} holds no state for {missing}; it was saved by another script")
         self._check_modules(saved, reader)
-        in_place = self._live_tensors()
+        model = self._model_tensors()
+        in_place = {name: t for name, t in model.items() if t.device.type == "cpu" and t.is_contiguous()}
+        referenced = _tensor_names(state)
         loaded: dict[str, torch.Tensor] = {}
 
         def check(infos: list[TensorInfo]) -> None:  # before any byte lands in the model
-            for info in infos:
-                target = in_place.get(info.name)
-                if target is not None and tuple(target.shape) != info.shape:
-                    raise ConfigError(f"{reader.info.path}: {info.name} has shape {list(info.shape)}, the model "
-                                      f"{list(target.shape)}; it was saved by another model")
-                if target is not None and target.dtype != TORCH_DTYPES[info.dtype]:
-                    del in_place[info.name]  # read into a new tensor; load_state_dict converts it
+            _check_fit(infos, model, referenced, reader.info.path)
 
         def allocate(info: TensorInfo) -> memoryview:
             target = in_place.get(info.name)
@@ -115,15 +109,10 @@ class TorchAdapter:
                     raise ConfigError(f"{reader.info.path}: {name} does not match the model: missing "
                                       f"{sorted(expected - keys)[:5]}, unexpected {sorted(keys - expected)[:5]}")
 
-    def _live_tensors(self) -> dict[str, torch.Tensor]:
-        """Model tensors that can be read into directly: on the CPU and contiguous."""
-        live = {}
-        for name, obj in self.objects.items():
-            if isinstance(obj, torch.nn.Module):
-                for key, t in obj.state_dict().items():
-                    if t.device.type == "cpu" and t.is_contiguous():
-                        live[f"{name}.{key}"] = t
-        return live
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the tracked modules, on any device: what a checkpoint must fit exactly."""
+        return {f"{name}.{key}": t for name, obj in self.objects.items() if isinstance(obj, torch.nn.Module)
+                for key, t in obj.state_dict().items()}
 
     def _load_object(self, name: str, obj: Any, state: Any, in_place: dict[str, torch.Tensor],
                      reader: CheckpointReader) -> None:
@@ -141,7 +130,7 @@ class TorchAdapter:
     def prepare_loader(self, loader: Iterable[Any], epoch: int, skip_batches: int,
                        mid_epoch: bool) -> tuple[Iterator[Any], int]:
         """Point a ResumableSampler at this epoch and resume position; returns (iterator, batches skipped)."""
-        _shield_loader_workers(loader)
+        shield_loader_workers(loader)
         sampler, batch_size = _resumable_sampler(loader)
         skipped = 0
         if sampler is not None:
@@ -155,39 +144,29 @@ class TorchAdapter:
         return iterator, skipped
 
 
-def _shield_loader_workers(loader: Any) -> None:
-    """Make a DataLoader's worker processes survive stop and checkpoint requests meant for the main one."""
-    if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, StopSignalShield):
-        loader.worker_init_fn = StopSignalShield(loader.worker_init_fn)
+def _tensor_names(state: dict[str, Any]) -> set[str]:
+    """The names of the tensors the JSON state refers to."""
+    names: set[str] = set()
+    for encoded in [*state.get("objects", {}).values(), state.get("rng", {"__dict__": {}})]:
+        decode(encoded, lambda name: names.add(str(name)))
+    return names
 
 
-class StopSignalShield:
-    """A DataLoader `worker_init_fn` (wrapping the user's) for workers that outlive a stop request.
-
-    A SIGTERM to the whole process group (systemd's default KillMode, SLURM's scancel, `kill -TERM
-    -PGID`) would kill the DataLoader workers, and PyTorch would then raise in the main process in
-    the middle of its emergency save. Shielded workers ignore SIGTERM unless it comes from the main
-    process itself (multiprocessing's terminate() at exit) or the main process is gone; the main
-    process saves, then shuts them down as usual. SIGUSR1 (checkpoint now) is ignored outright.
-    """
-
-    def __init__(self, inner: Any = None) -> None:
-        self.inner = inner
-
-    def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        parent = os.getppid()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
-        threading.Thread(target=_await_sigterm, args=(parent,), name="savegame-sigterm", daemon=True).start()
-        if self.inner is not None:
-            self.inner(worker_id)
-
-
-def _await_sigterm(parent: int) -> None:
-    while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent or os.getppid() != parent:
-            os._exit(128 + signal.SIGTERM)
+def _check_fit(infos: list[TensorInfo], model: dict[str, torch.Tensor], referenced: set[str], where: str) -> None:
+    """Refuse, before any byte is read, a file that lacks a tensor the state refers to, holds a model
+    tensor of another dtype or shape than the live model's, or an RNG state that is not a byte vector."""
+    missing = sorted(referenced - {info.name for info in infos})
+    if missing:
+        raise CorruptCheckpoint(f"{where}: tensors {missing[:3]} are missing from state.safetensors")
+    for info in infos:
+        live = model.get(info.name)
+        if live is not None and (tuple(live.shape) != info.shape or live.dtype != TORCH_DTYPES[info.dtype]):
+            raise ConfigError(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, the model's is "
+                              f"{DTYPES.get(live.dtype, live.dtype)}{list(live.shape)}: the checkpoint does not "
+                              "fit this model (it was saved by another model)")
+        if info.name.startswith("rng.") and (info.dtype != "U8" or len(info.shape) != 1):
+            raise CorruptCheckpoint(f"{where}: tensor {info.name} is {info.dtype}{list(info.shape)}, "
+                                    "not a random generator state (U8[n])")
 
 
 def _lookup(loaded: dict[str, torch.Tensor], reader: CheckpointReader) -> Any:

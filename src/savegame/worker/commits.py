@@ -1,0 +1,54 @@
+"""What became of the saves: the step last committed, the failures in a row and why the last one
+failed; commits and failures are reported to the daemon, and on its own the worker applies retention.
+
+`done` runs on the writer thread; the training thread reads the fields after waiting on the writer.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+from savegame.config import RunConfig
+from savegame.errors import CheckpointExists
+from savegame.storage import CheckpointInfo, CheckpointStore
+from savegame.strategies import plan_retention
+from savegame.worker.link import DaemonLink
+from savegame.worker.writer import SaveJob
+
+log = logging.getLogger("savegame.worker")
+REPORTED_BY_CALLER = ("final", "emergency")  # the training thread waits for these and says what happened
+
+
+class Commits:
+    def __init__(self, link: DaemonLink, on_commit: Callable[[CheckpointInfo], None]) -> None:
+        self.step: Optional[int] = None  # the step whose state is committed last
+        self.failures = 0  # in a row
+        self.error: Optional[BaseException] = None  # why the last save failed (None: it did not)
+        self._link = link
+        self._on_commit = on_commit
+
+    def done(self, job: SaveJob, info: Optional[CheckpointInfo], error: Optional[BaseException]) -> None:
+        if error is not None:
+            exists = isinstance(error, CheckpointExists)  # that step is committed already: not a failure
+            self.failures += 0 if exists else 1
+            self.error = None if exists else error
+            if exists or job.reason not in REPORTED_BY_CALLER:
+                (log.warning if exists else log.error)("checkpoint at step %d not saved: %s", job.step, error)
+            self._link.send("save-failed", step=job.step, error=str(error))
+            return
+        assert info is not None
+        self.failures, self.error, self.step = 0, None, info.step
+        log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
+        self._link.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
+                        bytes=info.bytes, metrics=dict(info.metrics))
+        self._on_commit(info)
+
+
+def apply_retention(store: CheckpointStore, config: RunConfig, resumed_from: Optional[int]) -> None:
+    """Without a daemon the worker keeps what the policy says (never its resume source)."""
+    protected = {resumed_from: "resume source"} if resumed_from is not None else {}
+    plan = plan_retention(store.list(), config.retention(), datetime.now(timezone.utc),
+                          monitor=config.monitor, protected=protected)  # type: ignore[arg-type]
+    for step in plan.delete:
+        store.delete(step)
