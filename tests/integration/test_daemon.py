@@ -33,7 +33,7 @@ def test_sigterm_at_a_random_moment_commits_an_emergency_checkpoint(tmp_path, se
     across both runs every step runs exactly once. Asserted on every seed."""
     rng = random.Random(seed)
     run, log = tmp_path / "run", tmp_path / "steps.log"
-    worker = counter("--steps", 120, "--sleep", 0.004, "--size-mb", 8, "--every", 7, "--log", log)
+    worker = counter("--steps", 400, "--sleep", 0.004, "--size-mb", 8, "--every", 7, "--log", log)
     daemon = Daemon(run, worker, ["--grace", "10"]).start()
     daemon.ready()
     time.sleep(rng.uniform(0.0, 0.4))
@@ -46,8 +46,8 @@ def test_sigterm_at_a_random_moment_commits_an_emergency_checkpoint(tmp_path, se
     assert "emergency checkpoint committed" in daemon.stderr
     second = Daemon(run, worker).start()
     assert second.wait() == 0, second.stderr
-    assert "DONE 120" in second.stdout
-    assert step_log(log) == list(range(120)), "a step ran twice or was skipped"
+    assert "DONE 400" in second.stdout
+    assert step_log(log) == list(range(400)), "a step ran twice or was skipped"
 
 
 def test_sigterm_before_the_worker_is_ready_stops_cleanly(tmp_path):
@@ -297,21 +297,28 @@ def test_a_checkpoint_that_fails_while_loading_is_quarantined_and_the_one_before
 
 
 def test_prune_from_the_command_line_spares_what_a_running_daemon_keeps(tmp_path):
+    """The resume source is protected until the resumed worker commits past it; prune respects that."""
     run = tmp_path / "run"
-    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 5), ["--keep-last", "100"]).start()
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 50), ["--keep-last", "100"]).start()
     try:
-        pid = daemon.worker_pid()
+        pid = daemon.ready()
         wait_until(lambda: len(committed_steps(run)) >= 3)
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: (daemon.status() or {}).get("resumed_from") is not None)
-        wait_until(lambda: (daemon.status() or {}).get("protected"))
+        wait_until(lambda: (daemon.status() or {}).get("worker_pid") not in (None, pid))
+        resumed = daemon.ready()
+        os.kill(resumed, signal.SIGSTOP)  # hold it before it commits past its resume source
         source = daemon.status()["resumed_from"]
+        assert committed_steps(run)[-1] == source
+        wait_until(lambda: (daemon.status() or {}).get("protected"))
         result = savegame("prune", str(run), "--keep-last", "1", "--dry-run", "--json")
         assert result.returncode == 0, result.stderr
         plan = json.loads(result.stdout)
         assert source not in [d["step"] for d in plan["delete"]]
         kept = {k["step"]: k["why"] for k in plan["keep"]}
         assert any("running daemon" in why for why in kept[source])
+        os.kill(resumed, signal.SIGCONT)
+        wait_until(lambda: committed_steps(run)[-1] > source)
+        wait_until(lambda: str(source) not in (daemon.status() or {}).get("protected", {}))  # let go once superseded
     finally:
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0

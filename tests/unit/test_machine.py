@@ -180,3 +180,11 @@ def test_terminal_states_ignore_everything():
     for event in (m.Spawned(2), m.StopRequested("SIGTERM"), m.WorkerExited(1, None, 1), m.BackoffOver()):
         t = m.transition(machine, event, 0.0, POLICY)
         assert t.machine == machine and t.actions == ()
+
+
+def test_a_worker_that_could_not_save_is_told_apart():
+    machine, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"), m.WorkerExited(74, None, 9)])
+    assert machine.state == m.State.STOPPED and trace[-1][1][-1] == m.Finish(74)
+    assert "could not be committed" in trace[-1][2]
+    machine, trace = run([m.Spawned(1), m.WorkerExited(74, None, 9)])
+    assert machine.state == m.State.BACKOFF and machine.failures[-1].cause == "save-failed"

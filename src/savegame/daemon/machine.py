@@ -224,6 +224,10 @@ def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy)
     how = f"exit code {event.code}" if event.code is not None else f"signal {_signal_name(event.signal)}"
     if m.stopping:
         saved = event.code == protocol.EXIT_SAVED_RESUME_ME or event.emergency_saved
+        if not saved and event.code == protocol.EXIT_IO:
+            return Transition(replace(m, state=State.STOPPED), (KillGroup(), Finish(protocol.EXIT_IO)),
+                              f"worker exited ({how}) after the stop request: its emergency checkpoint could not "
+                              "be committed (a full disk?): the last one stands")
         note = "emergency checkpoint committed" if saved else "no emergency checkpoint: the last one stands"
         return Transition(replace(m, state=State.STOPPED), (KillGroup(), Finish(protocol.EXIT_OK)),
                           f"worker exited ({how}) after the stop request: {note}")
@@ -263,6 +267,8 @@ def _cause(m: Machine, event: WorkerExited) -> str:
         return "preempted"  # saved and asked to be resumed, without a stop from us (e.g. SLURM)
     if event.code == protocol.EXIT_BAD_CHECKPOINT:
         return "bad-checkpoint"
+    if event.code == protocol.EXIT_IO:
+        return "save-failed"  # its checkpoints could not be committed (a full disk): a failure, backed off
     if event.signal == signal.SIGKILL:
         return "killed"  # not by us: the OOM killer, or an operator
     return "crash"

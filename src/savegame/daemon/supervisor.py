@@ -239,7 +239,7 @@ class Supervisor:
         if pid not in self.announced:
             log.info("worker process %d is ready (handles %s)", pid, ", ".join(sorted(names)) or "no signals")
         self.announced[pid] = names
-        self.house.dirty = True
+        self.house.write_status()  # `savegame status` (and whoever waits on it) sees the worker ready at once
 
     def _note_commit(self, event: Mapping[str, Any]) -> None:
         self.last_checkpoint = {k: event.get(k) for k in ("step", "epoch", "reason", "path", "bytes", "metrics")}
@@ -332,10 +332,14 @@ class Supervisor:
         """Stop and checkpoint requests go to the processes that announced they handle them."""
         assert self.worker is not None
         name = signal.Signals(signum).name
-        targets = [pid for pid, handles in self.announced.items() if name in handles]
-        if signum == signal.SIGUSR1 and not targets:
-            log.info("checkpoint request not sent: the worker has not announced that it takes them (yet)")
-            return
+        if signum == signal.SIGTERM:
+            targets = list(self.announced)  # the training process, even behind a wrapper
+        else:
+            targets = [pid for pid, handles in self.announced.items() if name in handles or signum == signal.SIGUSR2]
+            if not targets:  # a process that does not handle it would die of it
+                what = "checkpoint request" if signum == signal.SIGUSR1 else f"{name}"
+                log.info("%s not sent: the worker has not announced that it takes it (yet)", what)
+                return
         self.worker.send(signum, targets)
 
     def _start_worker(self, fallback: bool) -> None:
@@ -361,6 +365,7 @@ class Supervisor:
             self.events.append(m.SpawnFailed(str(exc.strerror), config_error=False))
             return
         self.lock.record(worker=self.worker.pgid)
+        self.house.dirty = True  # retention looks again: a new resume source to protect
         self._exit_reported = False
         self.heartbeat, self.announced, self.loaded_step = {}, {}, None
         self.resume_superseded = self.emergency_saved = False

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
-Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint", "spawn"]
-FAILURE_CAUSES = ("crash", "killed", "hang", "bad-checkpoint", "spawn")
+Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint", "spawn", "save-failed"]
+FAILURE_CAUSES = ("crash", "killed", "hang", "bad-checkpoint", "spawn", "save-failed")
 
 
 PREEMPTION_WINDOW_S = 60.0  # preemptions closer than this to each other back off
