@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 from savegame.config import RunConfig
 from savegame.errors import CheckpointNotFound, ConfigError
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
+from savegame.storage.manifest import parse_time
 from savegame.strategies import plan_retention, resume_candidates
 
 log = logging.getLogger("savegame")
@@ -125,7 +126,7 @@ def human_size(n: Optional[int]) -> str:
 def human_age(created: Optional[str], now: datetime) -> str:
     if not created:
         return "-"
-    seconds = (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+    seconds = (now - parse_time(created)).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"

@@ -69,13 +69,19 @@ class Backend:
         """Record every path the store opens or reads from now on."""
         seen: list[str] = []
         if self.kind == "local":
-            real_open = open
+            real_open, real_os_open = open, os.open
 
             def spy_open(file, *args, **kwargs):
                 seen.append(str(file))
                 return real_open(file, *args, **kwargs)
 
+            def spy_os_open(path, flags, *args, **kwargs):
+                if not flags & os.O_DIRECTORY:  # files, not the folders walked on the way
+                    seen.append(str(path))
+                return real_os_open(path, flags, *args, **kwargs)
+
             monkeypatch.setattr(local_backend_module, "open", spy_open, raising=False)
+            monkeypatch.setattr(os, "open", spy_os_open)
             return seen
         fs = store._backend.fs
         for name in ("open", "cat", "cat_file", "_cat_file", "cat_ranges", "_cat_ranges", "get_file"):
@@ -90,7 +96,7 @@ class Backend:
             raise OSError(5, "simulated failure while removing the payload")
 
         if self.kind == "local":
-            monkeypatch.setattr(local_backend_module.shutil, "rmtree", boom)
+            monkeypatch.setattr(shutil, "rmtree", boom)
         else:
             monkeypatch.setattr(store._backend.fs, "rm", boom)
 

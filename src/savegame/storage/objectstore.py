@@ -6,9 +6,10 @@ import time
 from typing import Any, BinaryIO, Iterator
 
 from savegame.errors import CheckpointExists
-from savegame.storage.backends import QUARANTINE_NAME, FolderEntry, Sink, Staging, StagingEntry
+from savegame.storage.backends import FolderEntry, Sink, Staging, StagingEntry
 from savegame.storage.location import Location, open_filesystem
-from savegame.storage.manifest import MANIFEST_NAME, step_of_folder
+from savegame.storage.manifest import MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder
+from savegame.storage.objectread import read_small_objects
 
 
 class _ObjectSink:
@@ -39,9 +40,7 @@ class _ObjectStaging:
     def abort(self) -> None:
         # Staging is the final prefix here: if another writer committed this step meanwhile,
         # these paths hold its payload now, and removing them would break a committed checkpoint.
-        manifest = self._backend.full(f"{self._name}/{MANIFEST_NAME}")
-        self._backend.fs.invalidate_cache(manifest)
-        if self._backend.fs.exists(manifest):
+        if self._backend.manifest_exists(self._name):
             return
         for path in self._written:
             try:
@@ -104,28 +103,41 @@ class ObjectBackend:
             name, _, inner = rel.partition("/")
             if not inner or step_of_folder(name) is None:
                 continue
-            seen = folders.setdefault(name, {"files": set(), "modified": 0.0})
-            seen["files"].add(inner)
+            seen = folders.setdefault(name, {"files": {}, "modified": 0.0})
+            seen["files"][inner] = info.get("size")
             seen["modified"] = max(seen["modified"], _info_mtime(info))
-        wanted = [self.full(f"{n}/{MANIFEST_NAME}") for n, s in folders.items() if MANIFEST_NAME in s["files"]]
-        contents = self.fs.cat(wanted, on_error="return") if wanted else {}
-        if len(wanted) == 1 and not isinstance(contents, dict):
-            contents = {wanted[0]: contents}
-        entries = []
-        for name, seen in folders.items():
-            raw = contents.get(self.full(f"{name}/{MANIFEST_NAME}"))
-            error = None
-            if raw is None:
-                error = "no manifest.json"
-            elif isinstance(raw, BaseException):
-                error, raw = f"manifest.json unreadable ({raw})", None
-            modified = seen["modified"] if raw is None else None
-            entries.append(FolderEntry(name, step_of_folder(name) or 0, raw, error,
-                                       QUARANTINE_NAME in seen["files"], modified))
-        return entries
+        wanted = [self.full(f"{n}/{MANIFEST_NAME}") for n, s in folders.items() if MANIFEST_NAME in s["files"]
+                  and _size_ok(s["files"][MANIFEST_NAME])]
+        contents = read_small_objects(self.fs, wanted)
+        return [self._entry(name, seen, contents.get(self.full(f"{name}/{MANIFEST_NAME}")))
+                for name, seen in folders.items()]
 
-    def file_sizes(self, folder: str) -> dict[str, int]:
-        self.fs.invalidate_cache(self.full(folder))
+    def _entry(self, name: str, seen: dict[str, Any], raw: bytes | BaseException | None) -> FolderEntry:
+        step, quarantined = step_of_folder(name) or 0, QUARANTINE_NAME in seen["files"]
+        listed = seen["files"].get(MANIFEST_NAME, -1)
+        if listed == -1 or isinstance(raw, FileNotFoundError):  # not there (or deleted since the listing)
+            return FolderEntry(name, step, None, f"no {MANIFEST_NAME}", True, quarantined, seen["modified"])
+        if raw is None:
+            problem = f"{MANIFEST_NAME} is {listed} bytes, more than the {MANIFEST_MAX} allowed; not read"
+            return FolderEntry(name, step, None, problem, False, quarantined, None)
+        if isinstance(raw, BaseException):
+            problem = f"{MANIFEST_NAME} unreadable ({type(raw).__name__}: {str(raw)[:200]})"
+            return FolderEntry(name, step, None, problem, False, quarantined, None)
+        return FolderEntry(name, step, raw, None, False, quarantined, None)
+
+    def manifest_exists(self, name: str) -> bool:
+        """Whether the folder has a manifest. Only a real 'not found' is False: any other error
+        propagates, so a folder is never taken for uncommitted because the store did not answer."""
+        path = self.full(f"{name}/{MANIFEST_NAME}")
+        self._forget(self.full(name))
+        try:
+            self.fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def file_sizes(self, folder: str) -> dict[str, int | None]:
+        self._forget(self.full(folder))
         prefix = self.full(folder).rstrip("/") + "/"
         try:
             found = self.fs.find(self.full(folder), detail=True)
@@ -137,8 +149,7 @@ class ObjectBackend:
         return self.fs.open(self.full(relpath), "rb", block_size=64 << 20, cache_type="readahead")
 
     def stage(self, name: str) -> Staging:
-        self._forget(self.full(name))
-        if self.fs.exists(self.full(f"{name}/{MANIFEST_NAME}")):
+        if self.manifest_exists(name):
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
         return _ObjectStaging(self, name)
 
@@ -173,12 +184,22 @@ class ObjectBackend:
         self.fs.pipe_file(self.full(f"{name}/{QUARANTINE_NAME}"), data)
 
     def list_staging(self) -> list[StagingEntry]:
-        """Object stores stage under the final name: a folder without manifest is the leftover."""
-        return [StagingEntry(e.name, e.modified or 0.0, None)
-                for e in self.scan() if e.manifest is None and not e.quarantined]
+        """Object stores stage under the final name: leftovers are folders without a manifest (scan)."""
+        return []
 
-    def remove_staging(self, relpath: str) -> None:
-        self.remove_folder(relpath)
+    def remove_leftover(self, name: str) -> None:
+        """Remove a folder without manifest, checked again now: it may have been committed since."""
+        if self.manifest_exists(name):
+            return
+        try:
+            self.fs.rm(self.full(name), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self.root)
+
+
+def _size_ok(size: Any) -> bool:
+    return not isinstance(size, (int, float)) or size <= MANIFEST_MAX
 
 
 def _info_mtime(info: dict[str, Any]) -> float:
