@@ -1,15 +1,31 @@
-"""Object storage through fsspec: payload under the final prefix, manifest.json last and create-only."""
+"""Object storage through fsspec: payload under the final prefix, manifest.json last and create-only.
+
+There is no rename, so two writers of one step would write the same payload keys. A writer first
+claims the step (a small create-only object): exactly one writer holds a step at a time, and a
+loser never overwrites the winner's payload.
+"""
 from __future__ import annotations
 
 import errno
+import json
+import os
+import socket
+import threading
 import time
-from typing import Any, BinaryIO, Iterator
+import uuid
+from typing import Any, BinaryIO, Iterator, Optional
 
-from savegame.errors import CheckpointExists
+from savegame.errors import CheckpointExists, MalformedInput
 from savegame.storage.backends import FolderEntry, Sink, Staging, StagingEntry
 from savegame.storage.location import Location, open_filesystem
-from savegame.storage.manifest import MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder
+from savegame.storage.manifest import (CLAIM_NAME, MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder,
+                                       utc_now_iso)
 from savegame.storage.objectread import read_small_objects
+from savegame.storage.pids import parse_pid, process_alive
+from savegame.untrusted import field, integer, load_json, obj, text
+
+_ACTIVE_CLAIMS: set[str] = set()  # claims held by staged checkpoints of this process
+_ACTIVE_LOCK = threading.Lock()
 
 
 class _ObjectSink:
@@ -24,9 +40,10 @@ class _ObjectSink:
 
 
 class _ObjectStaging:
-    def __init__(self, backend: "ObjectBackend", name: str) -> None:
+    def __init__(self, backend: "ObjectBackend", name: str, claim: str) -> None:
         self._backend = backend
         self._name = name
+        self.claim = claim
         self._written: list[str] = []
 
     def open(self, relpath: str) -> Sink:
@@ -35,18 +52,37 @@ class _ObjectStaging:
         return _ObjectSink(self._backend.fs, path)
 
     def commit(self, manifest: bytes) -> None:
-        self._backend.put_create_only(f"{self._name}/{MANIFEST_NAME}", manifest)
+        try:
+            self._backend.put_create_only(f"{self._name}/{MANIFEST_NAME}", manifest)
+        finally:
+            _release(self.claim)
+        self.drop_claim()  # committed: the manifest guards the step now
+
+    def drop_claim(self) -> None:
+        _release(self.claim)
+        try:
+            self._backend.fs.rm_file(self.claim)
+        except Exception:  # noqa: BLE001 - a claim left in a committed folder is harmless
+            pass
 
     def abort(self) -> None:
-        # Staging is the final prefix here: if another writer committed this step meanwhile,
-        # these paths hold its payload now, and removing them would break a committed checkpoint.
-        if self._backend.manifest_exists(self._name):
-            return
-        for path in self._written:
-            try:
-                self._backend.fs.rm_file(path)
-            except (FileNotFoundError, OSError):
-                pass
+        # If another writer committed this step meanwhile, these paths hold its payload now, and
+        # removing them would break a committed checkpoint.
+        try:
+            if self._backend.manifest_exists(self._name):
+                return
+            for path in [*self._written, self.claim]:  # the claim last: the step stays ours until clean
+                try:
+                    self._backend.fs.rm_file(path)
+                except (FileNotFoundError, OSError):
+                    pass
+        finally:
+            _release(self.claim)
+
+
+def _release(claim: str) -> None:
+    with _ACTIVE_LOCK:
+        _ACTIVE_CLAIMS.discard(claim)
 
 
 class ObjectBackend:
@@ -151,7 +187,51 @@ class ObjectBackend:
     def stage(self, name: str) -> Staging:
         if self.manifest_exists(name):
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
-        return _ObjectStaging(self, name)
+        staging = _ObjectStaging(self, name, self._claim(name))
+        # A winner drops its claim only once its manifest exists: checking again now that the claim
+        # is ours closes the gap between the first check and the claim.
+        if self.manifest_exists(name):
+            staging.drop_claim()
+            raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
+        return staging
+
+    def _claim(self, name: str) -> str:
+        """Claim the step for this writer (create-only), taking over a claim whose writer is gone."""
+        rel = f"{name}/{CLAIM_NAME}"
+        mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                           "started": utc_now_iso()}).encode()
+        try:
+            self.put_create_only(rel, mine)
+        except CheckpointExists:
+            holder = self._claim_holder(rel)
+            if holder is not None:
+                raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name}: another writer is saving this "
+                                                     f"step ({holder}); if it died, its leftovers are collected "
+                                                     "once stale (stale_after)") from None
+            self.fs.rm_file(self.full(rel))  # its writer is gone: take the step over, once
+            self.put_create_only(rel, mine)
+        claim = self.full(rel)
+        with _ACTIVE_LOCK:
+            _ACTIVE_CLAIMS.add(claim)
+        return claim
+
+    def _claim_holder(self, rel: str) -> Optional[str]:
+        """Who holds a claim, or None when its writer is known to be gone (this host: a dead process,
+        or this process with no save of that step in progress)."""
+        try:
+            data = obj(load_json(self.fs.cat_file(self.full(rel)), what=rel, max_bytes=4096), rel)
+            host, pid = field(data, "host", text(256), rel), parse_pid(str(field(data, "pid", integer(0, 2**63), rel)))
+        except FileNotFoundError:
+            return None  # released meanwhile
+        except (MalformedInput, ValueError, TypeError):
+            return "a writer whose claim savegame cannot read"
+        if host != socket.gethostname() or pid is None:
+            return f"{host}, pid {pid}"
+        with _ACTIVE_LOCK:
+            active = self.full(rel) in _ACTIVE_CLAIMS
+        if (pid == os.getpid() and not active) or (pid != os.getpid() and not process_alive(pid)):
+            return None
+        return f"this host, pid {pid}"
 
     def put_create_only(self, relpath: str, data: bytes) -> None:
         """Write a small object only if it does not exist (S3 If-None-Match: *)."""
