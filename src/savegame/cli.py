@@ -173,8 +173,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"keep   step {item['step']}: {', '.join(item['why'])}")
         for item in result["delete"]:
             print(f"{verb} step {item['step']}")
-        for path in result["collected"]:
-            print(f"removed stale staging {path}")
+        for path in result["collect"]:
+            print(f"{'would remove' if args.dry_run else 'removed'} stale staging {path}")
     return 0
 
 

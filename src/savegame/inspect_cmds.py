@@ -76,13 +76,14 @@ def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str
     keep = {**plan.keep, **{s: [f"damaged, kept for inspection: {'; '.join(p)}"] for s, p in damaged.items()}}
     delete = [s for s in plan.delete if s not in damaged]
     result = {"keep": [{"step": s, "why": why} for s, why in sorted(keep.items())],
-              "delete": [{"step": s, "path": by_step[s].path} for s in delete], "collected": []}
+              "delete": [{"step": s, "path": by_step[s].path} for s in delete], "collect": [], "collected": []}
     if dry_run:
+        result["collect"] = store.garbage(config["stale_after"])  # shown, not removed
         return result
     for step in delete:
         store.delete(step)
         log.info("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
-    result["collected"] = store.collect_garbage(config["stale_after"])
+    result["collect"] = result["collected"] = store.collect_garbage(config["stale_after"])
     return result
 
 
