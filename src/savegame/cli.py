@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Any, Optional, Sequence
 
@@ -118,8 +119,19 @@ def _daemon_settings(url: Optional[str]) -> list[Layer]:
 
 
 def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=1, default=str)
+    """Strict JSON only: NaN and infinities (not JSON, and refused by most parsers) become null."""
+    json.dump(_finite_or_null(data), sys.stdout, indent=1, default=str, allow_nan=False)
     sys.stdout.write("\n")
+
+
+def _finite_or_null(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_null(value) for value in data]
+    return data
 
 
 def _protected_by_daemon(url: str) -> dict[int, str]:
