@@ -1,31 +1,21 @@
 """Object storage through fsspec: payload under the final prefix, manifest.json last and create-only.
 
-There is no rename, so two writers of one step would write the same payload keys. A writer first
-claims the step (a small create-only object): exactly one writer holds a step at a time, and a
-loser never overwrites the winner's payload.
+There is no rename, so two writers of one step would write the same payload keys: a writer first
+claims the step (storage/objectclaim.py), and a loser never overwrites the winner's payload.
 """
 from __future__ import annotations
 
 import errno
-import json
-import os
-import socket
-import threading
 import time
-import uuid
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import Any, BinaryIO, Iterator
 
-from savegame.errors import CheckpointExists, MalformedInput
+from savegame.errors import CheckpointExists
 from savegame.storage.backends import FolderEntry, Sink, Staging, StagingEntry
 from savegame.storage.location import Location, open_filesystem
-from savegame.storage.manifest import (CLAIM_NAME, MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder,
-                                       utc_now_iso)
+from savegame.storage.manifest import MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder
+from savegame.storage.manifestcache import ManifestCache
+from savegame.storage.objectclaim import release_claim, take_claim
 from savegame.storage.objectread import read_small_objects
-from savegame.storage.pids import parse_pid, process_alive
-from savegame.untrusted import field, integer, load_json, obj, text
-
-_ACTIVE_CLAIMS: set[str] = set()  # claims held by staged checkpoints of this process
-_ACTIVE_LOCK = threading.Lock()
 
 
 class _ObjectSink:
@@ -55,11 +45,11 @@ class _ObjectStaging:
         try:
             self._backend.put_create_only(f"{self._name}/{MANIFEST_NAME}", manifest)
         finally:
-            _release(self.claim)
+            release_claim(self.claim)
         self.drop_claim()  # committed: the manifest guards the step now
 
     def drop_claim(self) -> None:
-        _release(self.claim)
+        release_claim(self.claim)
         try:
             self._backend.fs.rm_file(self.claim)
         except Exception:  # noqa: BLE001 - a claim left in a committed folder is harmless
@@ -77,12 +67,7 @@ class _ObjectStaging:
                 except (FileNotFoundError, OSError):
                     pass
         finally:
-            _release(self.claim)
-
-
-def _release(claim: str) -> None:
-    with _ACTIVE_LOCK:
-        _ACTIVE_CLAIMS.discard(claim)
+            release_claim(self.claim)
 
 
 class ObjectBackend:
@@ -92,6 +77,7 @@ class ObjectBackend:
         self.location = location
         self.fs = open_filesystem(location)
         self.root = self.fs._strip_protocol(f"{location.protocol}://{location.path}").rstrip("/")
+        self._cache = ManifestCache(f"{location.protocol}://{self.root}")
 
     def full(self, relpath: str) -> str:
         return f"{self.root}/{relpath}"
@@ -135,6 +121,7 @@ class ObjectBackend:
 
     def scan(self) -> list[FolderEntry]:
         folders: dict[str, dict[str, Any]] = {}
+        tags: dict[str, str] = {}  # manifest path -> its ETag in the listing
         for rel, info in self._walk_files():
             name, _, inner = rel.partition("/")
             if not inner or step_of_folder(name) is None:
@@ -142,11 +129,18 @@ class ObjectBackend:
             seen = folders.setdefault(name, {"files": {}, "modified": 0.0})
             seen["files"][inner] = info.get("size")
             seen["modified"] = max(seen["modified"], _info_mtime(info))
-        wanted = [self.full(f"{n}/{MANIFEST_NAME}") for n, s in folders.items() if MANIFEST_NAME in s["files"]
-                  and _size_ok(s["files"][MANIFEST_NAME])]
-        contents = read_small_objects(self.fs, wanted)
+            if inner == MANIFEST_NAME and _size_ok(info.get("size")):
+                tags[self.full(rel)] = str(info.get("ETag") or info.get("etag") or "")
+        contents = self._read_manifests(tags)
         return [self._entry(name, seen, contents.get(self.full(f"{name}/{MANIFEST_NAME}")))
                 for name, seen in folders.items()]
+
+    def _read_manifests(self, tags: dict[str, str]) -> dict[str, bytes | BaseException]:
+        """Each listed manifest: from the cache when its ETag matches, else one GET (concurrently)."""
+        cached = self._cache.lookup(tags)
+        read = read_small_objects(self.fs, [p for p in tags if p not in cached])
+        self._cache.update({p: (tags[p], data) for p, data in read.items() if isinstance(data, bytes)}, tags)
+        return {**read, **cached}
 
     def _entry(self, name: str, seen: dict[str, Any], raw: bytes | BaseException | None) -> FolderEntry:
         step, quarantined = step_of_folder(name) or 0, QUARANTINE_NAME in seen["files"]
@@ -187,51 +181,13 @@ class ObjectBackend:
     def stage(self, name: str) -> Staging:
         if self.manifest_exists(name):
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
-        staging = _ObjectStaging(self, name, self._claim(name))
+        staging = _ObjectStaging(self, name, take_claim(self, name))
         # A winner drops its claim only once its manifest exists: checking again now that the claim
         # is ours closes the gap between the first check and the claim.
         if self.manifest_exists(name):
             staging.drop_claim()
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
         return staging
-
-    def _claim(self, name: str) -> str:
-        """Claim the step for this writer (create-only), taking over a claim whose writer is gone."""
-        rel = f"{name}/{CLAIM_NAME}"
-        mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                           "started": utc_now_iso()}).encode()
-        try:
-            self.put_create_only(rel, mine)
-        except CheckpointExists:
-            holder = self._claim_holder(rel)
-            if holder is not None:
-                raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name}: another writer is saving this "
-                                                     f"step ({holder}); if it died, its leftovers are collected "
-                                                     "once stale (stale_after)") from None
-            self.fs.rm_file(self.full(rel))  # its writer is gone: take the step over, once
-            self.put_create_only(rel, mine)
-        claim = self.full(rel)
-        with _ACTIVE_LOCK:
-            _ACTIVE_CLAIMS.add(claim)
-        return claim
-
-    def _claim_holder(self, rel: str) -> Optional[str]:
-        """Who holds a claim, or None when its writer is known to be gone (this host: a dead process,
-        or this process with no save of that step in progress)."""
-        try:
-            data = obj(load_json(self.fs.cat_file(self.full(rel)), what=rel, max_bytes=4096), rel)
-            host, pid = field(data, "host", text(256), rel), parse_pid(str(field(data, "pid", integer(0, 2**63), rel)))
-        except FileNotFoundError:
-            return None  # released meanwhile
-        except (MalformedInput, ValueError, TypeError):
-            return "a writer whose claim savegame cannot read"
-        if host != socket.gethostname() or pid is None:
-            return f"{host}, pid {pid}"
-        with _ACTIVE_LOCK:
-            active = self.full(rel) in _ACTIVE_CLAIMS
-        if (pid == os.getpid() and not active) or (pid != os.getpid() and not process_alive(pid)):
-            return None
-        return f"this host, pid {pid}"
 
     def put_create_only(self, relpath: str, data: bytes) -> None:
         """Write a small object only if it does not exist (S3 If-None-Match: *)."""
