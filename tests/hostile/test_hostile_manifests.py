@@ -86,10 +86,10 @@ def hostile_step(index: int) -> int:
     return 100 + index
 
 
-def fill(root: RunRoot, kind: str) -> dict[int, str]:
+def fill(root: RunRoot, kind: str, good: bool = True) -> dict[int, str]:
     """Good checkpoints at GOOD_STEPS, one hostile manifest per step after them; step -> expected problem."""
     store = root.store()
-    for step in GOOD_STEPS:
+    for step in GOOD_STEPS if good else ():
         save_good(store, step)
     expected = {}
     for index, (name, (build, problem)) in enumerate(sorted(HOSTILE.items())):
@@ -148,6 +148,35 @@ def test_every_command_takes_hostile_manifests_for_damage(kind, request, tmp_pat
     assert "no committed checkpoint at step" in proc.stderr
     proc = cli(env, "restore", root.url, "--latest", "--to", str(out))
     assert proc.stdout.strip().startswith(f"restored step {GOOD_STEPS[-1]} to")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("supervised", [False, True])
+def test_the_worker_and_the_daemon_start_past_hostile_manifests(supervised, tmp_path: Path, savegame_env):
+    """A standalone worker's restore() and the daemon's start list the run folder: both resume from
+    the newest good checkpoint and leave every hostile one where it is."""
+    import subprocess
+    import sys
+
+    from helpers import COUNTER_WORKER, SAVEGAME as SAVEGAME_EXE
+
+    root = local_root(tmp_path / "run")
+    env = {**savegame_env, "SAVEGAME_DIR": root.url}
+    first = subprocess.run([sys.executable, COUNTER_WORKER, "--steps", "20", "--every", "10"], env=env,
+                           capture_output=True, text=True, timeout=120)  # real worker checkpoints at 10, 20
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = fill(root, "local", good=False)
+    before = {f for f in root.files() if not f.startswith(".")}
+    worker = [sys.executable, COUNTER_WORKER, "--steps", "25", "--every", "5"]
+    command = [SAVEGAME_EXE, "run", "--dir", root.url, "--", *worker] if supervised else worker
+    proc = subprocess.run(command, env=savegame_env if supervised else env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert before <= root.files()  # nothing hostile was removed
+    steps = [c.step for c in root.store().list()]
+    assert GOOD_STEPS[-1] in steps and 25 in steps and not set(expected) & set(steps)
+    assert root.store().scan().quarantined == []
 
 
 # ---------------------------------------------------------------- fuzzing
