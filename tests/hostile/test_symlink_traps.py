@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage_kit import LATER, cli, save_good
-from savegame.errors import ConfigError, StorageError
+from savegame.errors import CheckpointExists, ConfigError, StorageError
 from savegame.storage import CheckpointStore, folder_name
 
 pytestmark = pytest.mark.integration
@@ -83,6 +83,8 @@ def test_a_symlinked_checkpoint_folder_is_neither_listed_nor_deleted_through(run
     assert [c.step for c in store.list()] == [10, 20]
     with pytest.raises(StorageError, match="symbolic link"):
         store.delete(8)
+    with pytest.raises(CheckpointExists, match="in the way"):
+        store.begin(8)  # nor is a save of that step renamed over it
     assert tree(outside) == before
     assert store.collect_garbage(now=LATER) == [] and tree(outside) == before
 

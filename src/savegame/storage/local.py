@@ -282,8 +282,9 @@ def _refuse_committed(root_fd: int, name: str) -> None:
             taken = lexists(MANIFEST_NAME, folder_fd) or lexists(QUARANTINE_NAME, folder_fd)
     except FileNotFoundError:
         return
-    except OSError:
-        taken = True  # a link, a file, or unreadable: never replaced
+    except OSError as exc:  # a link, a file, or unreadable: never replaced
+        raise CheckpointExists(errno.EEXIST, f"{name} is in the way ({exc.strerror or exc}: a symbolic link, a "
+                                             "file or an unreadable folder); move it out of the run folder") from None
     if taken:
         raise CheckpointExists(errno.EEXIST, f"{name} is already a committed checkpoint")
 
