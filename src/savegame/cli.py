@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from typing import Any, Optional, Sequence
 
@@ -121,8 +122,19 @@ def _open_with_policy(args: argparse.Namespace) -> tuple[Any, RunConfig]:
 
 
 def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=1, default=str)
+    """Strict JSON only: NaN and infinities (not JSON, and refused by most parsers) become null."""
+    json.dump(_finite_or_null(data), sys.stdout, indent=1, default=str, allow_nan=False)
     sys.stdout.write("\n")
+
+
+def _finite_or_null(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_null(value) for value in data]
+    return data
 
 
 def _protected_by_daemon(url: str) -> dict[int, str]:
@@ -178,8 +190,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"keep   step {item['step']}: {', '.join(item['why'])}")
         for item in result["delete"]:
             print(f"{verb} step {item['step']}")
-        for path in result["collected"]:
-            print(f"removed stale staging {path}")
+        for path in result["collect"]:
+            print(f"{'would remove' if args.dry_run else 'removed'} stale staging {path}")
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 from savegame.config import RunConfig
 from savegame.errors import CheckpointNotFound, ConfigError
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
+from savegame.storage.manifest import parse_time
 from savegame.strategies import plan_retention, resume_candidates
 
 log = logging.getLogger("savegame")
@@ -75,13 +76,14 @@ def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str
     keep = {**plan.keep, **{s: [f"damaged, kept for inspection: {'; '.join(p)}"] for s, p in damaged.items()}}
     delete = [s for s in plan.delete if s not in damaged]
     result = {"keep": [{"step": s, "why": why} for s, why in sorted(keep.items())],
-              "delete": [{"step": s, "path": by_step[s].path} for s in delete], "collected": []}
+              "delete": [{"step": s, "path": by_step[s].path} for s in delete], "collect": [], "collected": []}
     if dry_run:
+        result["collect"] = store.garbage(config["stale_after"])  # shown, not removed
         return result
     for step in delete:
         store.delete(step)
         log.info("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
-    result["collected"] = store.collect_garbage(config["stale_after"])
+    result["collect"] = result["collected"] = store.collect_garbage(config["stale_after"])
     return result
 
 
@@ -125,7 +127,7 @@ def human_size(n: Optional[int]) -> str:
 def human_age(created: Optional[str], now: datetime) -> str:
     if not created:
         return "-"
-    seconds = (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds()
+    seconds = (now - parse_time(created)).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"

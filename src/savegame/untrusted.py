@@ -15,8 +15,9 @@ import errno
 import json
 import math
 import os
+import re
 import stat
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence
 
 from savegame.errors import MalformedInput
 
@@ -25,8 +26,14 @@ MAX_SAFE_INT = 2**53  # beyond this a JSON number is not an exact integer in mos
 _MISSING = object()
 
 
-def load_json(raw: bytes | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
-    """Parse bounded JSON: at most `max_bytes`, nested at most `max_depth` deep, finite numbers only."""
+def load_json(raw: bytes | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH,
+              nonfinite: bool = False) -> Any:
+    """Parse bounded JSON: at most `max_bytes`, nested at most `max_depth` deep, finite numbers only.
+
+    `nonfinite=True` reads NaN, Infinity and overflowing numbers as float nan/inf instead of failing,
+    for files older writers may have written them into (manifest metrics): the field checks then
+    refuse them wherever a finite number is needed, and `finite_metrics` drops them.
+    """
     if len(raw) > max_bytes:
         raise MalformedInput(f"{what}: {len(raw)} bytes, more than the {max_bytes} allowed")
     if isinstance(raw, bytes):
@@ -35,28 +42,25 @@ def load_json(raw: bytes | str, *, what: str, max_bytes: int, max_depth: int = M
         except UnicodeDecodeError:
             raise MalformedInput(f"{what}: not UTF-8 text") from None
     _check_depth(raw, max_depth, what)
+    hooks: dict[str, Any] = {} if nonfinite else {"parse_constant": _no_constant, "parse_float": _finite_float}
     try:
-        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(raw, **hooks)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits, NaN, Infinity
         raise MalformedInput(f"{what}: not valid JSON ({_short(exc)})") from None
+
+
+# A whole string (an unterminated one runs to the end: no rescans, linear time), or one bracket.
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.|\\\Z)*(?:"|\Z)|[\[\]{}]', re.DOTALL)
 
 
 def _check_depth(text: str, max_depth: int, what: str) -> None:
     """Reject deep nesting before the parser recurses into it (brackets inside strings do not count)."""
     if text.count("[") + text.count("{") <= max_depth:
         return
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    depth = 0
+    for token in _TOKENS.finditer(text):  # strings are skipped whole, in C: fast on large manifests
+        char = token.group()
+        if char in "[{":
             depth += 1
             if depth > max_depth:
                 raise MalformedInput(f"{what}: nested more than {max_depth} levels deep")
@@ -138,18 +142,64 @@ def number(value: Any) -> float:
 
 
 def finite_metrics(value: Any, max_items: int = 1024) -> dict[str, float]:
-    """Metric name -> value. Non-finite or non-numeric values are left out: they are never 'best'."""
+    """Metric name -> value. Non-finite values (NaN, +-inf) are left out: they are never 'best'.
+    A value that is not a number at all is an error."""
     if not isinstance(value, dict):
         raise ValueError("must be an object of metric name -> number")
     if len(value) > max_items:
         raise ValueError(f"has more than {max_items} metrics")
     out = {}
     for name, metric in value.items():
-        if len(name) > 256:
-            raise ValueError("has a metric name longer than 256 characters")
-        if isinstance(metric, (int, float)) and not isinstance(metric, bool) and math.isfinite(metric):
+        if not name or len(name) > 256:
+            raise ValueError("has a metric name that is empty or longer than 256 characters")
+        if isinstance(metric, bool) or not isinstance(metric, (int, float)):
+            raise ValueError(f"{name[:40]!r} must be a number, not {type(metric).__name__}")
+        if math.isfinite(metric):
             out[name] = float(metric)
     return out
+
+
+def items(check: Check, max_items: int) -> Check:
+    """A JSON array of at most `max_items`, each passing `check`."""
+    def check_list(value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise ValueError(f"must be an array, not {type(value).__name__}")
+        if len(value) > max_items:
+            raise ValueError(f"has {len(value)} entries, more than the {max_items} allowed")
+        return [check(item) for item in value]
+    return check_list
+
+
+def optional(check: Check) -> Check:
+    """`check`, or None."""
+    return lambda value: None if value is None else check(value)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def relative_path(max_len: int = 1024, reserved: Sequence[str] = ()) -> Check:
+    """A path inside a folder, written with '/': relative, no empty, '.' or '..' component, no
+    backslash, NUL or control character, and not one of the `reserved` names at the top level
+    (compared without case, for case-insensitive filesystems)."""
+    taken = {name.lower() for name in reserved}
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, not {type(value).__name__}")
+        if not value or len(value) > max_len:
+            raise ValueError(f"must be 1 to {max_len} characters long")
+        if _CONTROL.search(value):
+            raise ValueError(f"{value[:60]!r} holds a backslash, NUL or control character")
+        parts = value.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"{value[:60]!r} is not a plain relative path (empty, '.' or '..' part, or a leading '/')")
+        if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in parts):
+            raise ValueError(f"{value[:60]!r} has a component longer than 255 bytes")
+        if len(parts) == 1 and value.lower() in taken:
+            raise ValueError(f"{value!r} is a name savegame reserves for itself")
+        return value
+    return check
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -186,3 +236,39 @@ def read_regular_file(path: str, max_bytes: int, *, dir_fd: Optional[int] = None
 def is_symlink_error(exc: OSError) -> bool:
     """O_NOFOLLOW on a symlink fails with ELOOP (Linux) or EMLINK (some BSDs)."""
     return exc.errno in (errno.ELOOP, errno.EMLINK)
+
+
+def open_regular_file(root: str, relpath: str) -> BinaryIO:
+    """`root`/`relpath` opened for reading, following no symlink below `root` (each folder on the way
+    is opened with O_NOFOLLOW), and only if it is a regular file: a FIFO would block, a device like
+    /dev/zero would never end. MalformedInput when it is a link or not a regular file."""
+    parts = relpath.split("/")
+    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            next_fd = _open_nofollow(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd, relpath)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        fd = _open_nofollow(parts[-1], os.O_RDONLY | os.O_NONBLOCK, dir_fd, relpath)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MalformedInput(f"{relpath}: not a regular file (a FIFO, a device or a folder); not read")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _open_nofollow(name: str, flags: int, dir_fd: int, relpath: str) -> int:
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if is_symlink_error(exc) or (exc.errno == errno.ENOTDIR and _is_link(name, dir_fd)):
+            raise MalformedInput(f"{relpath}: {name!r} is a symbolic link, which savegame never follows") from None
+        raise
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False

@@ -40,10 +40,10 @@ def say(text):
     os.write(1, (text + "\n").encode())
 
 real_rename = os.rename
-def rename(src, dst):
+def rename(src, dst, **dir_fds):
     if pause == "before-rename" and "ckpt-" in os.path.basename(dst):
         say("pause before-rename"); time.sleep(30)
-    real_rename(src, dst)
+    real_rename(src, dst, **dir_fds)
     if pause == "after-rename" and "ckpt-" in os.path.basename(dst):
         say("pause after-rename"); time.sleep(30)
 os.rename = rename

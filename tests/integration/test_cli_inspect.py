@@ -206,6 +206,35 @@ def test_prune_dry_run_json_then_prune(run_dir, savegame_env):
     assert again["delete"] == []
 
 
+def test_prune_dry_run_shows_the_leftovers_it_would_collect(run_dir, savegame_env):
+    """A stale staging folder and a half-deleted checkpoint (no manifest) are shown by --dry-run,
+    in text and JSON, and only a real prune removes them."""
+    import os
+    import time
+
+    staging = run_dir / ".staging" / "ckpt-000000000600.otherhost.123.abcd1234"
+    staging.mkdir(parents=True)
+    (staging / "model.bin").write_bytes(b"half a save")
+    half_deleted = run_dir / "ckpt-000000000050"
+    half_deleted.mkdir()
+    (half_deleted / "model.bin").write_bytes(b"payload left behind")
+    old = time.time() - 7200
+    for path in (staging, staging / "model.bin", half_deleted, half_deleted / "model.bin"):
+        os.utime(path, (old, old))
+    leftovers = [".staging/ckpt-000000000600.otherhost.123.abcd1234", "ckpt-000000000050"]
+
+    dry = json.loads(cli(savegame_env, "prune", str(run_dir), "--dry-run", "--json").stdout)
+    assert sorted(dry["collect"]) == sorted(leftovers) and dry["collected"] == []
+    text = cli(savegame_env, "prune", str(run_dir), "--dry-run").stdout
+    assert all(f"would remove stale staging {path}" in text for path in leftovers), text
+    assert staging.exists() and half_deleted.exists()
+
+    done = json.loads(cli(savegame_env, "prune", str(run_dir), "--json").stdout)
+    assert sorted(done["collected"]) == sorted(leftovers)
+    assert not staging.exists() and not half_deleted.exists()
+    assert json.loads(cli(savegame_env, "prune", str(run_dir), "--dry-run", "--json").stdout)["collect"] == []
+
+
 def test_prune_with_a_regime_and_a_config_file(run_dir, tmp_path, savegame_env):
     config = tmp_path / "savegame.toml"
     config.write_text('regime = "short"\nmonitor = "val_loss"\n')

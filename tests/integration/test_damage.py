@@ -61,7 +61,7 @@ KINDS = {
     "flipped": ("model.bin: checksum mismatch", True),
     "missing-file": ("model.bin: missing", True),
     "missing-manifest": ("no manifest.json", False),
-    "garbled-manifest": ("manifest.json is not valid JSON", False),
+    "garbled-manifest": ("manifest.json: not UTF-8 text", False),
     "future-format": ("manifest format 99 is newer than this savegame reads (1); upgrade savegame", False),
 }
 

@@ -67,7 +67,7 @@ metric_values = st.floats(allow_nan=False, allow_infinity=False, width=64)
 @given(step=st.integers(0, 10**12 - 1), epoch=st.integers(0, 10**6),
        reason=st.sampled_from(["periodic", "best", "emergency", "final", "manual"]),
        metrics=st.dictionaries(st.text(min_size=1, max_size=10), metric_values, max_size=4),
-       files=st.lists(st.tuples(st.from_regex(r"[a-z][a-z0-9_/]{0,12}\.bin", fullmatch=True),
+       files=st.lists(st.tuples(st.from_regex(r"[a-z][a-z0-9_]{0,5}(/[a-z0-9_]{1,5}){0,2}\.bin", fullmatch=True),
                                 st.integers(0, 2**40)), max_size=4, unique_by=lambda f: f[0]),
        resumed=st.one_of(st.none(), st.integers(0, 10**9)), run_id=st.text(max_size=12))
 def test_round_trip(step, epoch, reason, metrics, files, resumed, run_id):
@@ -80,21 +80,26 @@ def test_round_trip(step, epoch, reason, metrics, files, resumed, run_id):
 @pytest.mark.parametrize("data, problem", [
     (b"", "not valid JSON"),
     (b"{\"format\": 1, \"step\"", "not valid JSON"),
-    (b"\xff\xfe garbage", "not valid JSON"),
-    (b"[1, 2]", "not a JSON object"),
-    (raw(format=...), "no integer 'format'"),
-    (raw(format="1"), "no integer 'format'"),
-    (raw(step=...), "malformed"),
-    (raw(step="twelve"), "malformed"),
-    (raw(created=...), "malformed"),
-    (raw(created="yesterday"), "malformed"),
-    (raw(files=...), "malformed"),
-    (raw(files=[{"path": "a.bin"}]), "malformed"),
-    (raw(files=[{"path": "../escape.bin", "bytes": 1, "checksum": "xxh3-128:00"}]), "malformed"),
-    (raw(files=[{"path": "/etc/passwd", "bytes": 1, "checksum": "xxh3-128:00"}]), "malformed"),
-    (raw(files=[{"path": "a/../../b", "bytes": 1, "checksum": "xxh3-128:00"}]), "malformed"),
-    (raw(files=[{"path": "a.bin", "bytes": -1, "checksum": "xxh3-128:00"}]), "malformed"),
-    (raw(metrics={"acc": "high"}), "malformed"),
+    (b"\xff\xfe garbage", "not UTF-8"),
+    (b"[1, 2]", "must be a JSON object"),
+    (raw(format=...), "'format' is missing"),
+    (raw(format="1"), "'format' must be an integer"),
+    (raw(format=0), "'format' = 0 is out of range"),
+    (raw(step=...), "'step' is missing"),
+    (raw(step="twelve"), "'step' must be an integer"),
+    (raw(step=10**12), "'step' = 1000000000000 is out of range"),
+    (raw(step=True), "'step' must be an integer, not bool"),
+    (raw(created=...), "'created' is missing"),
+    (raw(created="yesterday"), "'created' = 'yesterday' is not an ISO 8601 time"),
+    (raw(created=20261126), "'created' must be a string"),
+    (raw(files=...), "'files' is missing"),
+    (raw(files={"a.bin": 1}), "'files' must be an array"),
+    (raw(files=[{"path": "a.bin"}]), "'bytes' is missing"),
+    (raw(files=[{"path": "../escape.bin", "bytes": 1, "checksum": "xxh3-128:00"}]), "not a plain relative path"),
+    (raw(files=[{"path": "/etc/passwd", "bytes": 1, "checksum": "xxh3-128:00"}]), "not a plain relative path"),
+    (raw(files=[{"path": "a/../../b", "bytes": 1, "checksum": "xxh3-128:00"}]), "not a plain relative path"),
+    (raw(files=[{"path": "a.bin", "bytes": -1, "checksum": "xxh3-128:00"}]), "'bytes' = -1 is out of range"),
+    (raw(metrics={"acc": "high"}), "'acc' must be a number, not str"),
 ])
 def test_bad_manifests_are_corrupt(data, problem):
     with pytest.raises(CorruptCheckpoint) as info:
@@ -111,8 +116,8 @@ def test_a_newer_format_says_to_upgrade():
 
 
 def test_nan_metrics_are_dropped_and_optional_fields_default():
-    manifest = parse_manifest(raw(metrics={"acc": math.nan, "loss": 0.5}, epoch=..., reason=..., framework=...,
-                                  run_id=..., resumed_from=...), "x")
+    manifest = parse_manifest(raw(metrics={"acc": math.nan, "loss": 0.5, "low": -math.inf, "high": math.inf},
+                                  epoch=..., reason=..., framework=..., run_id=..., resumed_from=...), "x")
     assert manifest.metrics == {"loss": 0.5}
     assert (manifest.epoch, manifest.reason, manifest.framework, manifest.run_id, manifest.resumed_from) == \
         (0, "periodic", "", "", None)
@@ -131,3 +136,11 @@ def test_checksums():
     altered[123_456] ^= 1
     assert checksum_stream(io.BytesIO(bytes(altered)))[1] != hasher.digest()
     assert not is_supported("crc32c:1234") and not is_supported("md5:abc")
+
+
+def test_the_writer_leaves_non_finite_metrics_out_and_writes_strict_json():
+    manifest = Manifest(step=1, epoch=0, reason="best", created="2026-01-01T00:00:00Z", files=(),
+                        metrics={"loss": -math.inf, "acc": math.nan, "f1": 0.5})
+    text = manifest.to_json().decode()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a manifest"))["metrics"] == {"f1": 0.5}

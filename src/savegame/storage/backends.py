@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from savegame.storage.local import LocalBackend
     from savegame.storage.objectstore import ObjectBackend
 
-QUARANTINE_NAME = "QUARANTINE.json"
 STAGING_DIR = ".staging"
 QUARANTINE_DIR = ".quarantine"
 
@@ -34,6 +33,7 @@ class FolderEntry:
     step: int
     manifest: bytes | None  # None: no readable manifest.json
     read_error: str | None
+    missing: bool  # True only when the manifest is known not to exist: an unreadable one is damage
     quarantined: bool
     modified: float | None  # newest modification time (seconds since the epoch), when known
 

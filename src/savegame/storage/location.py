@@ -18,12 +18,58 @@ PACKAGE_FOR_PROTOCOL = {
     "webdav": "webdav4", "sftp": "paramiko", "ssh": "paramiko",
 }
 LOCAL_PROTOCOLS = ("", "file", "local")
-_USERINFO_RE = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
+# A missing or extra character in "://" of these is a typo, not a local folder's name.
+TYPO_PROTOCOLS = frozenset(PACKAGE_FOR_PROTOCOL) | {"http", "https", "memory", "ftp"}
+AT_IN_PATH = frozenset({"hf"})  # protocols whose paths may hold '@' (a revision), not credentials
+_URLISH = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)(://|//|:/|:)(.*)", re.DOTALL)
+
+
+def _spelling(url: str) -> tuple[str, str, str] | None:
+    """(protocol, separator, rest) when `url` is, or is a typo of, a URL: "s3://", "s3//", "s3:/", "s3:"."""
+    match = _URLISH.fullmatch(url)
+    if match is None:
+        return None
+    protocol, separator, rest = match.group(1).lower(), match.group(2), match.group(3)
+    if separator != "://" and protocol not in TYPO_PROTOCOLS:
+        return None
+    return protocol, separator, rest
+
+
+def _credentials_end(protocol: str, rest: str) -> int | None:
+    """Where userinfo ends in the part after "://" (just past its last '@'), or None without any.
+
+    The last '@' counts, and a ':' before it marks userinfo even past a '/': AWS secrets often hold
+    '/', passwords '@'. Only where paths may hold '@' (hf revisions) does a lone '@' past the first
+    '/' mean something else."""
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    if protocol in AT_IN_PATH and "@" not in rest.split("/", 1)[0] and ":" not in rest[:at]:
+        return None
+    return at + 1
 
 
 def redact(url: str) -> str:
-    """The URL with any user:password@ part hidden, safe to log."""
-    return _USERINFO_RE.sub(r"\1***@", url)
+    """The URL with what may be a secret hidden (userinfo in any spelling, the query string and the
+    fragment: tokens, SAS and presigned signatures), safe to log. A local path is left as it is."""
+    parts = _spelling(url)
+    if parts is None:
+        return url
+    protocol, _separator, rest = parts
+    query = _query_start(rest)
+    end = _credentials_end(protocol, rest)
+    if end is not None and end > query:  # an '@' past a '?' or '#': which part is the secret is unclear
+        shown = "***"
+    else:
+        shown = ("***@" + rest[end:query] if end is not None else rest[:query])
+        shown += rest[query] + "***" if query < len(rest) else ""
+    return url[:len(url) - len(rest)] + shown
+
+
+def _query_start(rest: str) -> int:
+    """Where the query string or fragment starts (len(rest) without either)."""
+    marks = [i for i in (rest.find("?"), rest.find("#")) if i >= 0]
+    return min(marks) if marks else len(rest)
 
 
 def split_protocol(url: str) -> tuple[str, str]:
@@ -51,30 +97,41 @@ class Location:
 
 
 def parse_location(url: str, storage_options: Mapping[str, Any] | None = None) -> Location:
-    """Validate a run root. Raises ConfigError naming the problem and the fix."""
+    """Validate a run root. Raises ConfigError naming the problem and the fix, never echoing a secret."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("the checkpoint location is empty; give a folder or a URL like s3://bucket/run")
     url = url.strip()
+    spelled = _spelling(url)
+    if spelled is not None and spelled[1] != "://":
+        protocol, _, rest = spelled
+        raise ConfigError(f"{redact(url)!r} looks like a mistyped URL: did you mean "
+                          f"{redact(protocol + '://' + rest.lstrip('/'))!r}? (for a local folder named like "
+                          f"this, write ./{redact(url)})")
     protocol, rest = split_protocol(url)
-    typo = re.match(r"^([a-z][a-z0-9+.-]*):/?(?!/)", url)
-    if not protocol and typo and typo.group(1) in PACKAGE_FOR_PROTOCOL:
-        raise ConfigError(f"{redact(url)!r} looks like a URL with a slash missing: write {typo.group(1)}://...")
     if protocol in LOCAL_PROTOCOLS:
         path = os.path.abspath(os.path.expanduser(rest))
         return Location(url=redact(url), protocol="", path=path, storage_options={})
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*", protocol):
         raise ConfigError(f"{redact(url)!r} is not a valid URL; use a folder or a URL like s3://bucket/run")
     _check_protocol_known(protocol, url)
-    if "@" in rest.split("/", 1)[0]:
-        raise ConfigError(
-            f"{redact(url)}: credentials in the URL are not accepted (they would end up in logs); "
-            "use the environment (AWS_ACCESS_KEY_ID, ...) or the [storage] options of the config"
-        )
+    _refuse_secrets(protocol, rest, url)
     path = rest.rstrip("/")
     if not path:
         raise ConfigError(f"{redact(url)!r} names no bucket or path")
     return Location(url=redact(url), protocol=protocol, path=path,
                     storage_options=dict(storage_options or {}))
+
+
+def _refuse_secrets(protocol: str, rest: str, url: str) -> None:
+    if _credentials_end(protocol, rest[:_query_start(rest)]) is not None:
+        raise ConfigError(
+            f"{redact(url)}: credentials in the URL are not accepted (they would end up in logs); "
+            "use the environment (AWS_ACCESS_KEY_ID, ...) or the [storage] options of the config")
+    if "?" in rest or "#" in rest:
+        raise ConfigError(
+            f"{redact(url)}: a query string or fragment is not accepted in a checkpoint URL (it may carry a "
+            "token or a signature, as SAS and presigned URLs do, and would end up in logs); give credentials "
+            "through the environment or the [storage] options of the config")
 
 
 def _check_protocol_known(protocol: str, url: str) -> None:

@@ -1,4 +1,8 @@
-"""Object storage through fsspec: payload under the final prefix, manifest.json last and create-only."""
+"""Object storage through fsspec: payload under the final prefix, manifest.json last and create-only.
+
+There is no rename, so two writers of one step would write the same payload keys: a writer first
+claims the step (storage/objectclaim.py), and a loser never overwrites the winner's payload.
+"""
 from __future__ import annotations
 
 import errno
@@ -6,9 +10,12 @@ import time
 from typing import Any, BinaryIO, Iterator
 
 from savegame.errors import CheckpointExists
-from savegame.storage.backends import QUARANTINE_NAME, FolderEntry, Sink, Staging, StagingEntry
+from savegame.storage.backends import FolderEntry, Sink, Staging, StagingEntry
 from savegame.storage.location import Location, open_filesystem
-from savegame.storage.manifest import MANIFEST_NAME, step_of_folder
+from savegame.storage.manifest import MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder
+from savegame.storage.manifestcache import ManifestCache
+from savegame.storage.objectclaim import release_claim, take_claim
+from savegame.storage.objectread import read_small_objects
 
 
 class _ObjectSink:
@@ -23,9 +30,10 @@ class _ObjectSink:
 
 
 class _ObjectStaging:
-    def __init__(self, backend: "ObjectBackend", name: str) -> None:
+    def __init__(self, backend: "ObjectBackend", name: str, claim: str) -> None:
         self._backend = backend
         self._name = name
+        self.claim = claim
         self._written: list[str] = []
 
     def open(self, relpath: str) -> Sink:
@@ -34,20 +42,32 @@ class _ObjectStaging:
         return _ObjectSink(self._backend.fs, path)
 
     def commit(self, manifest: bytes) -> None:
-        self._backend.put_create_only(f"{self._name}/{MANIFEST_NAME}", manifest)
+        try:
+            self._backend.put_create_only(f"{self._name}/{MANIFEST_NAME}", manifest)
+        finally:
+            release_claim(self.claim)
+        self.drop_claim()  # committed: the manifest guards the step now
+
+    def drop_claim(self) -> None:
+        release_claim(self.claim)
+        try:
+            self._backend.fs.rm_file(self.claim)
+        except Exception:  # noqa: BLE001 - a claim left in a committed folder is harmless
+            pass
 
     def abort(self) -> None:
-        # Staging is the final prefix here: if another writer committed this step meanwhile,
-        # these paths hold its payload now, and removing them would break a committed checkpoint.
-        manifest = self._backend.full(f"{self._name}/{MANIFEST_NAME}")
-        self._backend.fs.invalidate_cache(manifest)
-        if self._backend.fs.exists(manifest):
-            return
-        for path in self._written:
-            try:
-                self._backend.fs.rm_file(path)
-            except (FileNotFoundError, OSError):
-                pass
+        # If another writer committed this step meanwhile, these paths hold its payload now, and
+        # removing them would break a committed checkpoint.
+        try:
+            if self._backend.manifest_exists(self._name):
+                return
+            for path in [*self._written, self.claim]:  # the claim last: the step stays ours until clean
+                try:
+                    self._backend.fs.rm_file(path)
+                except (FileNotFoundError, OSError):
+                    pass
+        finally:
+            release_claim(self.claim)
 
 
 class ObjectBackend:
@@ -57,6 +77,7 @@ class ObjectBackend:
         self.location = location
         self.fs = open_filesystem(location)
         self.root = self.fs._strip_protocol(f"{location.protocol}://{location.path}").rstrip("/")
+        self._cache = ManifestCache(f"{location.protocol}://{self.root}")
 
     def full(self, relpath: str) -> str:
         return f"{self.root}/{relpath}"
@@ -100,32 +121,53 @@ class ObjectBackend:
 
     def scan(self) -> list[FolderEntry]:
         folders: dict[str, dict[str, Any]] = {}
+        tags: dict[str, str] = {}  # manifest path -> its ETag in the listing
         for rel, info in self._walk_files():
             name, _, inner = rel.partition("/")
             if not inner or step_of_folder(name) is None:
                 continue
-            seen = folders.setdefault(name, {"files": set(), "modified": 0.0})
-            seen["files"].add(inner)
+            seen = folders.setdefault(name, {"files": {}, "modified": 0.0})
+            seen["files"][inner] = info.get("size")
             seen["modified"] = max(seen["modified"], _info_mtime(info))
-        wanted = [self.full(f"{n}/{MANIFEST_NAME}") for n, s in folders.items() if MANIFEST_NAME in s["files"]]
-        contents = self.fs.cat(wanted, on_error="return") if wanted else {}
-        if len(wanted) == 1 and not isinstance(contents, dict):
-            contents = {wanted[0]: contents}
-        entries = []
-        for name, seen in folders.items():
-            raw = contents.get(self.full(f"{name}/{MANIFEST_NAME}"))
-            error = None
-            if raw is None:
-                error = "no manifest.json"
-            elif isinstance(raw, BaseException):
-                error, raw = f"manifest.json unreadable ({raw})", None
-            modified = seen["modified"] if raw is None else None
-            entries.append(FolderEntry(name, step_of_folder(name) or 0, raw, error,
-                                       QUARANTINE_NAME in seen["files"], modified))
-        return entries
+            if inner == MANIFEST_NAME and _size_ok(info.get("size")):
+                tags[self.full(rel)] = str(info.get("ETag") or info.get("etag") or "")
+        contents = self._read_manifests(tags)
+        return [self._entry(name, seen, contents.get(self.full(f"{name}/{MANIFEST_NAME}")))
+                for name, seen in folders.items()]
 
-    def file_sizes(self, folder: str) -> dict[str, int]:
-        self.fs.invalidate_cache(self.full(folder))
+    def _read_manifests(self, tags: dict[str, str]) -> dict[str, bytes | BaseException]:
+        """Each listed manifest: from the cache when its ETag matches, else one GET (concurrently)."""
+        cached = self._cache.lookup(tags)
+        read = read_small_objects(self.fs, [p for p in tags if p not in cached])
+        self._cache.update({p: (tags[p], data) for p, data in read.items() if isinstance(data, bytes)}, tags)
+        return {**read, **cached}
+
+    def _entry(self, name: str, seen: dict[str, Any], raw: bytes | BaseException | None) -> FolderEntry:
+        step, quarantined = step_of_folder(name) or 0, QUARANTINE_NAME in seen["files"]
+        listed = seen["files"].get(MANIFEST_NAME, -1)
+        if listed == -1 or isinstance(raw, FileNotFoundError):  # not there (or deleted since the listing)
+            return FolderEntry(name, step, None, f"no {MANIFEST_NAME}", True, quarantined, seen["modified"])
+        if raw is None:
+            problem = f"{MANIFEST_NAME} is {listed} bytes, more than the {MANIFEST_MAX} allowed; not read"
+            return FolderEntry(name, step, None, problem, False, quarantined, None)
+        if isinstance(raw, BaseException):
+            problem = f"{MANIFEST_NAME} unreadable ({type(raw).__name__}: {str(raw)[:200]})"
+            return FolderEntry(name, step, None, problem, False, quarantined, None)
+        return FolderEntry(name, step, raw, None, False, quarantined, None)
+
+    def manifest_exists(self, name: str) -> bool:
+        """Whether the folder has a manifest. Only a real 'not found' is False: any other error
+        propagates, so a folder is never taken for uncommitted because the store did not answer."""
+        path = self.full(f"{name}/{MANIFEST_NAME}")
+        self._forget(self.full(name))
+        try:
+            self.fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def file_sizes(self, folder: str) -> dict[str, int | None]:
+        self._forget(self.full(folder))
         prefix = self.full(folder).rstrip("/") + "/"
         try:
             found = self.fs.find(self.full(folder), detail=True)
@@ -137,10 +179,15 @@ class ObjectBackend:
         return self.fs.open(self.full(relpath), "rb", block_size=64 << 20, cache_type="readahead")
 
     def stage(self, name: str) -> Staging:
-        self._forget(self.full(name))
-        if self.fs.exists(self.full(f"{name}/{MANIFEST_NAME}")):
+        if self.manifest_exists(name):
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
-        return _ObjectStaging(self, name)
+        staging = _ObjectStaging(self, name, take_claim(self, name))
+        # A winner drops its claim only once its manifest exists: checking again now that the claim
+        # is ours closes the gap between the first check and the claim.
+        if self.manifest_exists(name):
+            staging.drop_claim()
+            raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
+        return staging
 
     def put_create_only(self, relpath: str, data: bytes) -> None:
         """Write a small object only if it does not exist (S3 If-None-Match: *)."""
@@ -173,12 +220,22 @@ class ObjectBackend:
         self.fs.pipe_file(self.full(f"{name}/{QUARANTINE_NAME}"), data)
 
     def list_staging(self) -> list[StagingEntry]:
-        """Object stores stage under the final name: a folder without manifest is the leftover."""
-        return [StagingEntry(e.name, e.modified or 0.0, None)
-                for e in self.scan() if e.manifest is None and not e.quarantined]
+        """Object stores stage under the final name: leftovers are folders without a manifest (scan)."""
+        return []
 
-    def remove_staging(self, relpath: str) -> None:
-        self.remove_folder(relpath)
+    def remove_leftover(self, name: str) -> None:
+        """Remove a folder without manifest, checked again now: it may have been committed since."""
+        if self.manifest_exists(name):
+            return
+        try:
+            self.fs.rm(self.full(name), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self.root)
+
+
+def _size_ok(size: Any) -> bool:
+    return not isinstance(size, (int, float)) or size <= MANIFEST_MAX
 
 
 def _info_mtime(info: dict[str, Any]) -> float:

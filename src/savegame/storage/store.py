@@ -8,204 +8,24 @@ Readers only ever see committed checkpoints: `list()` returns those, sorted by s
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
-from savegame.errors import Cancelled, CheckpointNotFound, CorruptCheckpoint, SavegameError, StorageError
-from savegame.storage.backends import FolderEntry, Staging, make_backend, storage_error
+from savegame.errors import Cancelled, CheckpointNotFound, CorruptCheckpoint, StorageError
+from savegame.storage.backends import FolderEntry, StagingEntry, make_backend
 from savegame.storage.checksum import CHUNK, Hasher, checksum_stream, is_supported
 from savegame.storage.location import Location, parse_location
-from savegame.storage.manifest import (FileEntry, Manifest, folder_name, parse_manifest,
-                                       utc_now_iso)
+from savegame.storage.manifest import FileEntry, folder_name, parse_manifest, utc_now_iso
+from savegame.storage.records import CheckpointInfo, Problem, Scan, mapped_errors
+from savegame.storage.staged import HashingWriter, StagedCheckpoint
+
+__all__ = ["CheckpointInfo", "CheckpointStore", "HashingWriter", "Problem", "Scan", "StagedCheckpoint",
+           "copy_checkpoint"]
+log = logging.getLogger("savegame")
 
 DEFAULT_STALE_AFTER_S = 3600.0
-OVERLAP_MIN = 1 << 20  # below this, hashing inline costs less than handing the chunk to a thread
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint: its manifest and where it lives."""
-
-    manifest: Manifest
-    name: str
-    path: str
-
-    @property
-    def step(self) -> int:
-        return self.manifest.step
-
-    @property
-    def epoch(self) -> int:
-        return self.manifest.epoch
-
-    @property
-    def reason(self) -> str:
-        return self.manifest.reason
-
-    @property
-    def metrics(self) -> Mapping[str, float]:
-        return self.manifest.metrics
-
-    @property
-    def created(self) -> datetime:
-        return self.manifest.created_at
-
-    @property
-    def bytes(self) -> int:
-        return self.manifest.total_bytes
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A folder that is not a usable checkpoint, and why."""
-
-    name: str
-    step: int
-    problem: str
-
-
-@dataclass(frozen=True)
-class Scan:
-    committed: list[CheckpointInfo]
-    damaged: list[Problem] = field(default_factory=list)  # manifest unreadable, garbled, or too new
-    incomplete: list[Problem] = field(default_factory=list)  # no manifest: never committed
-    quarantined: list[Problem] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _mapped(what: str) -> Iterator[None]:
-    """Map any backend error to StorageError at the boundary."""
-    try:
-        yield
-    except SavegameError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the boundary: botocore, aiohttp, OSError, ...
-        raise storage_error(exc, what) from exc
-
-
-class HashingWriter:
-    """A file being written into a staged checkpoint; its checksum is computed as bytes pass."""
-
-    def __init__(self, sink: Any, relpath: str, on_close: Any) -> None:
-        self._sink = sink
-        self._relpath = relpath
-        self._hasher = Hasher()
-        self._on_close = on_close
-        self._closed = False
-        self._helper: ThreadPoolExecutor | None = None
-
-    def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes < OVERLAP_MIN:
-            self._hasher.update(view)
-            self._sink.write(view)
-            return view.nbytes
-        # Hash on a helper thread while this one writes (xxh3 releases the GIL), so the checksum
-        # adds no time to a save. Both finish before returning: the caller may reuse the buffer.
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-checksum")
-        hashed = self._helper.submit(self._hasher.update, view)
-        try:
-            self._sink.write(view)
-        finally:
-            hashed.result()
-        return view.nbytes
-
-    def fileno(self) -> int:
-        """The local file's descriptor; io.UnsupportedOperation on object storage."""
-        fileno = getattr(self._sink, "fileno", None)
-        if fileno is None:
-            raise io.UnsupportedOperation("not a local file")
-        return int(fileno())
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            if self._helper is not None:
-                self._helper.shutdown()
-            self._sink.close()
-            self._on_close(FileEntry(self._relpath, self._hasher.bytes, self._hasher.digest()))
-
-    def __enter__(self) -> "HashingWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class StagedCheckpoint:
-    """A checkpoint being written; invisible to readers until `commit`."""
-
-    def __init__(self, store: "CheckpointStore", step: int, staging: Staging) -> None:
-        self.store = store
-        self.step = step
-        self._staging = staging
-        self._files: dict[str, FileEntry] = {}
-        self._done = False
-
-    def open(self, relpath: str) -> HashingWriter:
-        if relpath == "manifest.json" or relpath.startswith(("/", "..")):
-            raise ValueError(f"{relpath!r} is not a valid payload file name")
-        with _mapped(f"{self.store.url}: cannot create {relpath}"):
-            sink = self._staging.open(relpath)
-        return _MappedWriter(sink, relpath, self._record, f"{self.store.url}: writing {relpath}")
-
-    def _record(self, entry: FileEntry) -> None:
-        self._files[entry.path] = entry
-
-    def write_bytes(self, relpath: str, data: bytes | memoryview) -> None:
-        with self.open(relpath) as f:
-            f.write(data)
-
-    def commit(self, *, epoch: int = 0, reason: str = "periodic", metrics: Mapping[str, float] | None = None,
-               framework: str = "", run_id: str = "", resumed_from: int | None = None,
-               created: str | None = None) -> CheckpointInfo:
-        manifest = Manifest(step=self.step, epoch=epoch, reason=reason, created=created or utc_now_iso(),
-                            files=tuple(self._files[k] for k in sorted(self._files)),
-                            metrics=dict(metrics or {}), framework=framework, run_id=run_id,
-                            resumed_from=resumed_from)
-        try:
-            with _mapped(f"{self.store.url}: committing step {self.step}"):
-                self._staging.commit(manifest.to_json())
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        name = folder_name(self.step)
-        return CheckpointInfo(manifest, name, self.store.path_of(name))
-
-    def abort(self) -> None:
-        if not self._done:
-            self._done = True
-            with contextlib.suppress(Exception):
-                self._staging.abort()
-
-    def __enter__(self) -> "StagedCheckpoint":
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
-class _MappedWriter(HashingWriter):
-    def __init__(self, sink: Any, relpath: str, on_close: Any, what: str) -> None:
-        super().__init__(sink, relpath, on_close)
-        self._what = what
-
-    def write(self, data: bytes | memoryview) -> int:
-        with _mapped(self._what):
-            return super().write(data)
-
-    def close(self) -> None:
-        with _mapped(self._what):
-            super().close()
 
 
 class CheckpointStore:
@@ -214,7 +34,7 @@ class CheckpointStore:
     def __init__(self, url: str | Location, storage_options: Mapping[str, Any] | None = None) -> None:
         self.location = url if isinstance(url, Location) else parse_location(url, storage_options)
         self.url = self.location.url
-        with _mapped(f"{self.url}: cannot open"):
+        with mapped_errors(f"{self.url}: cannot open"):
             self._backend = make_backend(self.location)
 
     @property
@@ -228,18 +48,18 @@ class CheckpointStore:
         return f"{self.location.protocol}://{self._backend.full(name)}"
 
     def exists(self) -> bool:
-        with _mapped(f"{self.url}: cannot reach"):
+        with mapped_errors(f"{self.url}: cannot reach"):
             return self._backend.root_exists()
 
     def scan(self) -> Scan:
-        with _mapped(f"{self.url}: cannot list"):
+        with mapped_errors(f"{self.url}: cannot list"):
             entries = self._backend.scan()
         committed, damaged, incomplete, quarantined = [], [], [], []
         for entry in entries:
             if entry.quarantined:
                 quarantined.append(Problem(entry.name, entry.step, "quarantined"))
-            elif entry.manifest is None:
-                bucket = incomplete if entry.read_error == "no manifest.json" else damaged
+            elif entry.manifest is None:  # only a really absent manifest is "incomplete"; unreadable is damage
+                bucket = incomplete if entry.missing else damaged
                 bucket.append(Problem(entry.name, entry.step, entry.read_error or "no manifest.json"))
             else:
                 parsed = self._parse(entry)
@@ -276,28 +96,31 @@ class CheckpointStore:
 
     def begin(self, step: int) -> StagedCheckpoint:
         name = folder_name(step)
-        with _mapped(f"{self.url}: cannot start checkpoint {name}"):
+        with mapped_errors(f"{self.url}: cannot start checkpoint {name}"):
             staging = self._backend.stage(name)
         return StagedCheckpoint(self, step, staging)
 
     def open_file(self, info: CheckpointInfo, relpath: str) -> BinaryIO:
-        with _mapped(f"{info.path}: cannot open {relpath}"):
+        with mapped_errors(f"{info.path}: cannot open {relpath}"):
             return self._backend.open_read(f"{info.name}/{relpath}")
 
     def verify(self, info: CheckpointInfo) -> list[str]:
         """Problems found in one committed checkpoint (empty: every file's size and checksum match)."""
-        with _mapped(f"{info.path}: cannot verify"):
+        with mapped_errors(f"{info.path}: cannot verify"):
             sizes = self._backend.file_sizes(info.name)
         problems = []
         for entry in info.manifest.files:
-            problem = self._check_file(info, entry, sizes.get(entry.path))
+            problem = self._check_file(info, entry, sizes)
             if problem:
                 problems.append(f"{entry.path}: {problem}")
         return problems
 
-    def _check_file(self, info: CheckpointInfo, entry: FileEntry, size: int | None) -> str | None:
-        if size is None:
+    def _check_file(self, info: CheckpointInfo, entry: FileEntry, sizes: Mapping[str, int | None]) -> str | None:
+        if entry.path not in sizes:
             return "missing"
+        size = sizes[entry.path]
+        if size is None:
+            return "not a regular file (a symbolic link, FIFO or device); not read"
         if size != entry.bytes:
             return f"{size} bytes, the manifest says {entry.bytes} ({'truncated' if size < entry.bytes else 'grown'})"
         if not is_supported(entry.checksum):
@@ -314,7 +137,7 @@ class CheckpointStore:
     def delete(self, step: int) -> None:
         """Remove a checkpoint, manifest first, so a half-deleted one is never listed."""
         name = folder_name(step)
-        with _mapped(f"{self.url}: cannot delete {name}"):
+        with mapped_errors(f"{self.url}: cannot delete {name}"):
             self._backend.remove_folder(name)
 
     def quarantine(self, step: int, reason: str) -> None:
@@ -324,22 +147,39 @@ class CheckpointStore:
         """
         name = folder_name(step)
         marker = json.dumps({"reason": reason, "time": utc_now_iso()}).encode()
-        with _mapped(f"{self.url}: cannot quarantine {name}"):
+        with mapped_errors(f"{self.url}: cannot quarantine {name}"):
             self._backend.quarantine(name, marker)
+
+    def garbage(self, stale_after_s: float = DEFAULT_STALE_AFTER_S, now: float | None = None) -> list[str]:
+        """What `collect_garbage` would remove now (nothing is removed).
+
+        The one place that decides which uncommitted leftovers may go: a staging folder, or a ckpt-*
+        folder whose manifest is really absent (never an unreadable or invalid one: that is damage),
+        once its writer is known dead (same host) or it is older than `stale_after_s`.
+        """
+        now = time.time() if now is None else now
+        with mapped_errors(f"{self.url}: cannot list stale staging"):
+            entries = self._backend.scan()
+            leftovers = self._backend.list_staging() + [
+                StagingEntry(e.name, e.modified or 0.0, None) for e in entries
+                if e.missing and e.manifest is None and not e.quarantined]
+        return [e.path for e in leftovers if e.writer_alive is False or now - e.modified >= stale_after_s]
 
     def collect_garbage(self, stale_after_s: float = DEFAULT_STALE_AFTER_S,
                         now: float | None = None) -> list[str]:
-        """Remove leftovers of saves that never committed; returns what was removed.
+        """Remove leftovers of saves that never committed (see `garbage`); returns what was removed.
 
-        A leftover goes when its writer is known dead (same host) or it is older than `stale_after_s`.
+        Each is checked again right before it goes: a folder committed meanwhile stays.
         """
-        now = time.time() if now is None else now
         removed = []
-        with _mapped(f"{self.url}: cannot collect stale staging"):
-            for entry in self._backend.list_staging():
-                if entry.writer_alive is False or now - entry.modified >= stale_after_s:
-                    self._backend.remove_staging(entry.path)
-                    removed.append(entry.path)
+        for path in self.garbage(stale_after_s, now):
+            try:
+                with mapped_errors(f"{self.url}: cannot remove the leftover {path}"):
+                    self._backend.remove_leftover(path)
+            except StorageError as exc:
+                log.warning("%s", exc.strerror or exc)
+                continue
+            removed.append(path)
         return removed
 
 
@@ -362,8 +202,8 @@ def _copy_file(source: CheckpointStore, info: CheckpointInfo, entry: FileEntry, 
                cancelled: Callable[[], bool]) -> None:
     checked = Hasher()
     with source.open_file(info, entry.path) as src, staged.open(entry.path) as dst:
-        with _mapped(f"{info.path}: reading {entry.path}"):
-            while True:
+        with mapped_errors(f"{info.path}: reading {entry.path}"):
+            while checked.bytes <= entry.bytes:  # a file longer than its manifest says is not read to its end
                 if cancelled():
                     raise Cancelled(f"copying {info.path} to {staged.store.url} was cancelled")
                 chunk = src.read(CHUNK)

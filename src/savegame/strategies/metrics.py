@@ -19,11 +19,18 @@ def resolve_mode(mode: str, metric: str) -> Mode:
     return "max" if any(hint in name for hint in _MAX_HINTS) else "min"
 
 
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def is_better(value: float, reference: Optional[float], mode: Mode, min_delta: float = 0.0) -> bool:
-    """Whether `value` improves on `reference` by more than `min_delta` (any value beats None)."""
-    if value is None or math.isnan(value):
+    """Whether `value` improves on `reference` by more than `min_delta` (any finite value beats None).
+
+    Non-finite values (NaN, +-inf: a diverged loss) are never better, and a non-finite reference
+    is no reference: a -inf loss must not become a best that nothing can beat."""
+    if not _finite(value):
         return False
-    if reference is None or math.isnan(reference):
+    if not _finite(reference):
         return True
     if mode == "max":
         return value > reference + abs(min_delta)
@@ -41,8 +48,9 @@ T = TypeVar("T", bound=HasMetrics)
 
 
 def metric_of(item: HasMetrics, metric: str) -> Optional[float]:
+    """The item's finite value of `metric`, or None (missing, NaN or infinite: never ranked)."""
     value = item.metrics.get(metric)
-    if value is None or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
 
