@@ -87,7 +87,7 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 @pytest.fixture
-def fault_proxy(s3_server: S3Server) -> Iterator["FaultProxy"]:
+def fault_proxy(s3_server: S3Server) -> Iterator[object]:
     """A fault-injecting HTTP proxy in front of the S3 server (throttle, stall, reset, refuse, 503)."""
     from faultproxy import FaultProxy
 

@@ -220,10 +220,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from savegame.daemon.status import format_status, read_status
+    import os
+
+    from savegame.daemon.status import format_status, read_status, status_path
 
     status = read_status(args.dir)
     if status is None:
+        if os.path.lexists(status_path(args.dir)):
+            raise ConfigError(f"{status_path(args.dir)} is damaged (not a status file savegame wrote); a running "
+                              "daemon rewrites it every second")
         raise ConfigError(f"{args.dir} has no daemon status; is it the --dir of a `savegame run`?")
     _print_json(status) if args.json else print(format_status(status))
     return 0

@@ -81,6 +81,17 @@ def write_policy(store: CheckpointStore, config: RunConfig) -> None:
         raise StorageError(f"{store.url}: cannot store the run's policy: {exc}") from None
 
 
+def update_policy(store: CheckpointStore, config: RunConfig) -> bool:
+    """Store the policy unless the store already holds the same; True when it wrote. StorageError."""
+    from savegame.config import build_config
+
+    stored = read_policy(store)
+    if stored is not None and policy_record(build_config([stored])) == policy_record(config):
+        return False
+    write_policy(store, config)
+    return True
+
+
 def _read(store: CheckpointStore) -> bytes:
     if store.is_local:
         return read_regular_file(os.path.join(store.location.path, POLICY_PATH), MAX_POLICY_BYTES)

@@ -2,7 +2,6 @@
 emergency checkpoint is in the bucket before the daemon exits -> a replacement VM with an empty disk
 resumes from the bucket -> its final weights are bit-identical to an uninterrupted run."""
 import json
-import os
 import re
 import signal
 import struct

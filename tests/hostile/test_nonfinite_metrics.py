@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from helpers import SAVEGAME
 from storage_kit import base_manifest, cli, local_root, rows_by_step, save_good
 from savegame.strategies.metrics import is_better, metric_of, rank_by_metric
 from savegame.storage import CheckpointStore
@@ -74,8 +76,9 @@ def test_every_json_the_cli_prints_is_strict(tmp_path: Path, savegame_env):
     status.parent.mkdir()
     status.write_text('{"state": "stopped", "reason": "test", "best": NaN, "loss": -Infinity, "nested": [Infinity]}')
     for args in (["ls", root.url, "--json", "--all"], ["verify", root.url, "--json"],
-                 ["prune", root.url, "--dry-run", "--json"], ["status", root.url, "--json"]):
+                 ["prune", root.url, "--dry-run", "--json"]):
         out = cli(savegame_env, *args).stdout
         json.loads(out, parse_constant=lambda name: pytest.fail(f"`savegame {args[0]}` printed {name}"))
-    printed = json.loads(cli(savegame_env, "status", root.url, "--json").stdout)
-    assert printed["best"] is None and printed["loss"] is None and printed["nested"] == [None]
+    # The daemon never writes NaN (its JSON is strict): a status file with one is damaged, said in one line.
+    damaged = subprocess.run([SAVEGAME, "status", root.url, "--json"], env=savegame_env, capture_output=True, text=True)
+    assert damaged.returncode == 78 and "is damaged" in damaged.stderr and damaged.stdout == ""

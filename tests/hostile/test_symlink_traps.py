@@ -142,10 +142,24 @@ def test_a_folder_owned_by_another_user(mine: Path, root_only):
 
 @pytest.mark.parametrize("mode, who", [(0o777, "group and others"), (0o775, "its group"), (0o757, "group and others")])
 def test_a_folder_others_may_write_to(mine: Path, mode: int, who: str):
+    os.chown(mine, -1, NOBODY)  # a group that is not the user's own private group
     mine.chmod(mode)
     with pytest.raises(ConfigError) as info:
         check_run_folder(str(mine))
     assert who in str(info.value) and f"chmod go-w {mine}" in str(info.value) and f"{mode:04o}" in str(info.value)
+
+
+def test_a_user_private_group_may_write(mine: Path):
+    """umask 002 with user-private groups (Debian, Ubuntu): the group is the user alone."""
+    import grp
+    import pwd
+
+    me = pwd.getpwuid(os.geteuid())
+    if [m for m in grp.getgrgid(me.pw_gid).gr_mem if m != me.pw_name]:
+        pytest.skip("this user's primary group has other members")
+    os.chown(mine, -1, me.pw_gid)
+    mine.chmod(0o775)
+    check_run_folder(str(mine))
 
 
 def test_a_symlink_to_a_folder_of_another_user(mine: Path, tmp_path: Path, root_only):

@@ -1,9 +1,7 @@
 """Start-up against a bad world: an unreadable or stalled mirror, a read-only or full run folder,
 a mirror that is the run folder, an old run in the folder, a damaged manifest with a good copy in
 the bucket. Never a fresh start that forks the run, never a traceback, never a long silence."""
-import json
 import os
-import shutil
 import signal
 import subprocess
 import time

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 from savegame.errors import StorageError
 
@@ -61,6 +61,3 @@ def with_deadline(operation: Callable[[], T], timeout_s: float, what: str) -> T:
     """A call that cannot be cancelled, with a deadline (see call_with_deadline)."""
     return call_with_deadline(lambda cancelled: operation(), timeout_s, what)
 
-
-def remaining(deadline: Optional[float]) -> Optional[float]:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())

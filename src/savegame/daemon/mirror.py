@@ -249,11 +249,17 @@ class Mirror:
             log.error("cannot quarantine step %d: %s", step, error)
 
     def _same_on_remote(self, info: CheckpointInfo) -> Optional[CheckpointInfo]:
-        """The remote checkpoint at this step if it is this very checkpoint, else None (and never again)."""
-        remote = {c.step: c for c in self._timed(self.remote.list, "listing")}.get(info.step)
+        """The remote checkpoint at this step if it is this very checkpoint; None (and never again) when
+        the step there holds another one or a quarantined one; a retry later when another writer is
+        still writing it (its claim, no manifest yet)."""
+        scan = self._timed(self.remote.scan, "listing")
+        remote = {c.step: c for c in scan.committed}.get(info.step)
         if remote is not None and (remote.manifest.created, remote.manifest.files) == \
                 (info.manifest.created, info.manifest.files):
             return remote
+        if remote is None and info.step not in {p.step for p in scan.quarantined}:
+            raise StorageError(f"{self.remote.url}: step {info.step} is being written by another writer; "
+                               "trying again later")
         why = "is quarantined" if remote is None else "holds a different checkpoint (another timeline)"
         log.error("not mirroring step %d: the bucket's step %d %s; local retention decides on it alone",
                   info.step, info.step, why)

@@ -21,7 +21,7 @@ from savegame.config import RunConfig
 from savegame.daemon.status import STATUS_DIR
 from savegame.errors import ConfigError, MalformedInput, StorageError
 from savegame.storage import CheckpointStore
-from savegame.storage.local import process_alive
+from savegame.storage.local import check_run_folder, process_alive
 from savegame.untrusted import load_json, read_regular_file
 
 log = logging.getLogger("savegame")
@@ -37,7 +37,9 @@ def open_run_folder(path: str) -> CheckpointStore:
         raise ConfigError(f"--dir must be a local folder, not {store.url}; use --mirror for object storage")
     folder = os.path.join(store.location.path, STATUS_DIR)
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(store.location.path, mode=0o750, exist_ok=True)
+        check_run_folder(store.location.path)  # owned by us, not writable by others, no planted links
+        os.makedirs(folder, mode=0o750, exist_ok=True)
         probe = os.path.join(folder, f".probe.{os.getpid()}")
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:

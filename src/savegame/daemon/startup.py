@@ -20,7 +20,7 @@ from savegame.daemon.process import check_command
 from savegame.daemon.resume import LIST_TIMEOUT_S, QUICK_LIST_S, MirrorUnreachable, ResumePoint
 from savegame.daemon.status import write_worker_settings
 from savegame.errors import ConfigError, StorageError
-from savegame.policy import policy_record, read_policy, write_policy
+from savegame.policy import read_policy, update_policy
 
 if TYPE_CHECKING:
     from savegame.daemon.supervisor import Supervisor
@@ -36,7 +36,6 @@ class Startup:
         self.policy_known = False
         self.settings_path = ""
         self.mirror_started = False
-        self._stored: Optional[dict[str, Any]] = None  # the policy record as the run folder holds it
         self._remote_wait_s = LIST_TIMEOUT_S  # shorter once local checkpoints could serve the resume
 
     # -- before the first worker ------------------------------------------------------------------
@@ -72,9 +71,7 @@ class Startup:
     def _adopt_stored_policy(self) -> None:
         d = self.daemon
         layer = read_policy(d.local)
-        if layer is not None:
-            self._stored = policy_record(build_config([layer]))
-        elif d.remote is not None:
+        if layer is None and d.remote is not None:
             remote = d.remote
             try:
                 layer = with_deadline(lambda: read_policy(remote), self._remote_wait_s,
@@ -125,13 +122,10 @@ class Startup:
         d.chooser.monitor = config.monitor
         if config.monitor:
             log.info("retention follows %s: monitor %s (%s)", source, *config.monitor)
-        record = policy_record(config)
-        if record != self._stored:
-            try:
-                write_policy(d.local, config)
-                self._stored = record
-            except StorageError as exc:
-                log.warning("%s", exc)
+        try:
+            update_policy(d.local, config)
+        except StorageError as exc:
+            log.warning("%s", exc)
         if d.mirror:
             d.mirror.set_config(config)
         d.house.dirty = True

@@ -16,7 +16,7 @@ import time
 from typing import Any, Mapping, Optional
 
 from savegame import protocol
-from savegame.config import RunConfig, explicit_for_worker
+from savegame.config import RunConfig
 from savegame.daemon import machine as m
 from savegame.daemon.events import EventInbox, next_heartbeat, number
 from savegame.daemon.housekeeping import Housekeeping
@@ -45,11 +45,12 @@ def run_supervised(settings: RunConfig) -> int:
 class Supervisor:
     def __init__(self, settings: RunConfig) -> None:
         self.settings = settings  # what `savegame run` was given: the config file and the flags
+        run_dir = os.path.abspath(os.path.expanduser(settings["dir"] or "./checkpoints"))
+        self.remote = open_mirror(settings, run_dir) if settings["mirror"] else None  # refused before any mkdir
         self.local = open_run_folder(settings["dir"] or "./checkpoints")
         self.run_dir = self.local.location.path
         self.lock = RunLock(self.run_dir, wait_for_orphans_s=settings["grace"] + 10)
         self.run_id = run_id_of(self.run_dir)
-        self.remote = open_mirror(settings, self.run_dir) if settings["mirror"] else None
         self.policy = settings.restart_policy()
         self.machine = m.Machine(grace_s=settings["grace"])
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])

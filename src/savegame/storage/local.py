@@ -137,7 +137,7 @@ class LocalBackend:
         return fd
 
     def ensure_root(self) -> None:
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, mode=0o750, exist_ok=True)  # never writable by others (check_run_folder)
         with self.root_fd() as root_fd:
             os.close(self.staging_fd(root_fd, create=True))
 

@@ -158,11 +158,23 @@ def check_run_folder(path: str) -> None:
         raise ConfigError(f"run folder {shown} is owned by {_owner(target.st_uid)}, not by you ({_owner(me)}); "
                           f"run as its owner, or take it over (chown -R {_owner(me).split(' ')[0]} {path}), "
                           "or use a folder of your own")
-    if target.st_mode & 0o022:
+    if target.st_mode & 0o002 or (target.st_mode & 0o020 and not _private_group(target.st_gid, me)):
         raise ConfigError(f"run folder {shown} can be written by {'group and others' if target.st_mode & 0o002 else 'its group'} "
                           f"(mode {stat.S_IMODE(target.st_mode):04o}), who could plant links or fake checkpoints "
                           f"in it; fix it with: chmod go-w {path}")
     _check_own_subfolders(path)
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """A user-private group (the user's own primary group, with no other members, as Debian and Ubuntu
+    make them with umask 002): writable by the group is writable by the user alone."""
+    import grp
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid and not [m for m in group.gr_mem if m != user.pw_name]
 
 
 def _check_own_subfolders(path: str) -> None:

@@ -159,10 +159,12 @@ class CheckpointStore:
         """
         now = time.time() if now is None else now
         with mapped_errors(f"{self.url}: cannot list stale staging"):
-            entries = self._backend.scan()
-            leftovers = self._backend.list_staging() + [
-                StagingEntry(e.name, e.modified or 0.0, None) for e in entries
-                if e.missing and e.manifest is None and not e.quarantined]
+            try:
+                entries, staging = self._backend.scan(), self._backend.list_staging()
+            except FileNotFoundError:
+                return []  # no run folder yet: nothing to collect
+            leftovers = staging + [StagingEntry(e.name, e.modified or 0.0, None) for e in entries
+                                   if e.missing and e.manifest is None and not e.quarantined]
         return [e.path for e in leftovers if e.writer_alive is False or now - e.modified >= stale_after_s]
 
     def collect_garbage(self, stale_after_s: float = DEFAULT_STALE_AFTER_S,

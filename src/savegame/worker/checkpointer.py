@@ -24,7 +24,7 @@ from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional
 
 from savegame import protocol
 from savegame.config import explicit_for_worker
-from savegame.errors import ConfigError, CorruptCheckpoint
+from savegame.errors import ConfigError, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader, make_adapter
@@ -33,7 +33,7 @@ from savegame.worker.commits import Commits, apply_retention
 from savegame.worker.exits import exit_config, exit_io, say, say_now
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
-from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources
+from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources, stored_policy
 from savegame.worker.signals import StopRequests
 from savegame.worker.writer import BackgroundWriter, SaveJob
 
@@ -54,7 +54,8 @@ class Checkpointer:
         self.supervised = self._link.supervised
         try:
             self.dir = choose_dir(dir)
-            self.config = load_config(locals())
+            stored = stored_policy(self.dir, self.supervised)
+            self.config = load_config(locals(), stored)
             # Steps per epoch, when known (batches() takes it from len(loader)). Without it a periodic
             # save due at a step that may end the epoch waits for the next boundary (see _defer).
             self.epoch_length: Optional[int] = positive_int("steps_per_epoch", steps_per_epoch)
@@ -165,6 +166,18 @@ class Checkpointer:
         handles = self._requests.install() if self._handle_signals else []
         if self.supervised:
             self._link.hello(handles)
+        else:
+            self._store_policy()
+
+    def _store_policy(self) -> None:
+        """On its own, the run's policy goes with its checkpoints, for `ls`, `prune`, `restore --best`
+        and a later daemon (under a daemon, the daemon stores it)."""
+        from savegame.policy import update_policy
+
+        try:
+            update_policy(self.store, self.config)
+        except StorageError as exc:
+            log.warning("%s", exc)
 
     def epochs(self, total: int) -> Iterator[int]:
         """Epoch indices from where the run stands to `total` - 1."""

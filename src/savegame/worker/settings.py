@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config
-from savegame.errors import ConfigError, MalformedInput
+from savegame.errors import ConfigError, MalformedInput, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import resume_candidates
 from savegame.untrusted import load_json, read_regular_file
@@ -27,15 +27,17 @@ def choose_dir(given: Optional[str]) -> str:
     return given or env_dir or "./checkpoints"
 
 
-def load_config(args: Mapping[str, Any]) -> RunConfig:
-    """Checkpointer(...)'s arguments, under the daemon's settings ($SAVEGAME_CONFIG) when supervised."""
+def load_config(args: Mapping[str, Any], stored: Optional[Layer] = None) -> RunConfig:
+    """Checkpointer(...)'s arguments over the run's stored policy (run on its own), under the daemon's
+    settings ($SAVEGAME_CONFIG) when supervised."""
     script: dict[str, Any] = {k: args[k] for k in ("monitor", "regime") if args[k] is not None}
     if args["monitor"] is not None:
         script["mode"] = args["mode"]
     save = {k: args[k] for k in ("every_steps", "every_epochs", "every_seconds", "min_delta") if args[k] is not None}
     keep = {name: args[f"keep_{name}"] for name in ("last", "best") if args[f"keep_{name}"] is not None}
-    layers = [Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
-                                          **({"keep": keep} if keep else {})})]
+    layers = [] if stored is None else [stored]
+    layers.append(Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
+                                              **({"keep": keep} if keep else {})}))
     config_path = os.environ.get(protocol.ENV_CONFIG)
     if config_path:
         try:
@@ -45,6 +47,18 @@ def load_config(args: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"cannot read the daemon's settings ({config_path}): {exc}") from None
         layers.append(Layer(f"daemon settings ({config_path})", settings))
     return build_config(layers)
+
+
+def stored_policy(folder: str, supervised: bool) -> Optional[Layer]:
+    """A standalone run's policy as stored with its checkpoints (the daemon reads its own), after
+    checking that the folder is one to trust (ours, not writable by others)."""
+    if supervised or not os.path.isdir(folder):
+        return None
+    from savegame.policy import read_policy
+    from savegame.storage.local import check_run_folder
+
+    check_run_folder(folder)
+    return read_policy(CheckpointStore(folder))
 
 
 def positive_int(name: str, value: Any) -> Optional[int]:
@@ -71,7 +85,10 @@ def resume_sources(store: CheckpointStore, config: RunConfig,
                       f": {why[0]}" if why else "")
             raise SystemExit(protocol.EXIT_BAD_CHECKPOINT)
         return [(source, found[0])]
-    store.collect_garbage()
+    try:
+        store.collect_garbage()
+    except StorageError as exc:  # a planted link, an unreadable folder: say so, never act through it
+        log.warning("cannot collect stale staging in %s: %s", store.url, exc)
     monitor = config.monitor
     scan = store.scan()
     for problem in scan.damaged:
