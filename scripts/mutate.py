@@ -1,0 +1,124 @@
+"""Break one invariant at a time in a copy of the code and check that the tests meant to catch it do.
+
+    .venv/bin/python scripts/mutate.py            # every mutation; a table; exit 1 if any survives
+    .venv/bin/python scripts/mutate.py rng-not-restored no-fsync-payload
+
+Each mutation replaces one exact piece of source text (it must be found exactly once, so a
+refactoring that moves the code makes the mutation fail loudly instead of silently testing nothing)
+in a temporary copy of src/, then runs the named tests against that copy. A mutation is *caught*
+when those tests fail, and *survives* when they pass. The same tests must pass on the unchanged copy
+first, or the result means nothing. Not part of CI (it runs each test file once per mutation);
+run it before resolving an issue that touches storage, the daemon or an adapter.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # under src/savegame/
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation("rng-not-restored", "worker/checkpointer.py", 'set_rng_state(core.get("rng", {}))', "pass",
+             ("tests/workers/test_rng_resume.py",)),
+    Mutation("daemon-skips-verification", "daemon/resume.py", "problems = self.local.verify(info)", "problems = []",
+             ("tests/integration/test_daemon.py::test_the_daemon_verifies_the_checkpoint_before_the_worker_sees_it",)),
+    Mutation("checksums-not-verified", "storage/store.py", "                problems.append(f\"{entry.path}: {problem}\")",
+             "                pass", ("tests/integration/test_damage.py",)),
+    Mutation("mirror-oldest-first", "daemon/mirror.py", "step = urgent[0] if urgent else (todo[0] if todo else None)",
+             "step = min(todo) if todo else None",
+             ("tests/integration/test_mirror_faults.py::test_the_emergency_checkpoint_jumps_a_backlog_on_a_slow_uplink",)),
+    Mutation("no-fsync-payload", "storage/local.py", "            os.fsync(self._file.fileno())", "            pass",
+             ("tests/integration/test_commit_durability.py",)),
+    Mutation("no-fsync-parent", "storage/local.py", "                os.close(staging_fd)\n            os.fsync(root_fd)",
+             "                os.close(staging_fd)", ("tests/integration/test_commit_durability.py",)),
+    Mutation("non-atomic-publish", "storage/local.py",
+             "        os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)",
+             "        import shutil as _s; _s.copytree(os.path.join(f'/proc/self/fd/{src_fd}', src), "
+             "os.path.join(f'/proc/self/fd/{dst_fd}', dst)); _s.rmtree(os.path.join(f'/proc/self/fd/{src_fd}', src))",
+             ("tests/integration/test_atomic_publish.py",)),
+    Mutation("retention-drops-newest", "strategies/retention.py", '        add(max(by_step), "newest")', "        pass",
+             ("tests/unit/test_retention.py",)),
+    Mutation("retention-drops-best", "strategies/retention.py", '            add(ranked[0].step, f"best {monitor[0]}")',
+             "            pass", ("tests/unit/test_retention.py",)),
+    Mutation("resume-source-unprotected", "daemon/housekeeping.py",
+             '                protected[d.resume_point.info.step] = "resume source"  # until the worker commits past it',
+             "                pass",
+             ("tests/integration/test_daemon.py::test_prune_from_the_command_line_spares_what_a_running_daemon_keeps",)),
+    Mutation("sigterm-not-forwarded", "daemon/supervisor.py", "        self.worker.send(signum, targets)",
+             "        return", ("tests/integration/test_daemon.py::test_sigint_and_sighup_stop_like_sigterm",)),
+    Mutation("no-flush-at-exit", "daemon/supervisor.py",
+             "        if self.mirror and self.startup.mirror_started:\n            code = self._flush_mirror(code)",
+             "        pass",
+             ("tests/integration/test_mirror.py::test_the_emergency_checkpoint_reaches_the_bucket_before_the_daemon_exits",
+              "tests/integration/test_mirror_faults.py::test_a_run_that_gives_up_still_flushes_the_mirror")),
+    Mutation("policy-not-stored", "daemon/startup.py", "            update_policy(d.local, config)", "            pass",
+             ("tests/integration/test_run_policy.py::test_the_best_survives_a_daemon_restart",)),
+    Mutation("sender-not-checked", "daemon/events.py", "            if sender is None or not accept(*sender):",
+             "            if sender is None:", ("tests/hostile/test_event_socket.py",
+                                                "tests/integration/test_daemon_guards.py")),
+]
+
+
+def copy_tree(into: Path) -> None:
+    shutil.copytree(ROOT / "src", into / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+
+
+def run_tests(src: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    return done.returncode == 0, time.monotonic() - started
+
+
+def apply(copy: Path, mutation: Mutation) -> None:
+    path = copy / "src" / "savegame" / mutation.path
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise SystemExit(f"mutation {mutation.name}: its text is found {count} times in {mutation.path}; "
+                         "update scripts/mutate.py to the code as it is now")
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not names or m.name in names]
+    rows, survivors = [], 0
+    with tempfile.TemporaryDirectory(prefix="savegame-mutate-") as tmp:
+        for mutation in chosen:
+            copy = Path(tmp) / mutation.name
+            copy_tree(copy)
+            clean, _ = run_tests(copy / "src", mutation.tests)
+            if not clean:
+                rows.append((mutation.name, "tests fail unmutated", "-"))
+                survivors += 1
+                continue
+            apply(copy, mutation)
+            passed, seconds = run_tests(copy / "src", mutation.tests)
+            survivors += passed
+            rows.append((mutation.name, "SURVIVED" if passed else "caught", f"{seconds:.0f}s"))
+            print(f"{mutation.name:28} {rows[-1][1]:22} {rows[-1][2]}", flush=True)
+    print("\n| mutation | result | tests took |\n|---|---|---|")
+    for name, result, seconds in rows:
+        print(f"| {name} | {result} | {seconds} |")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
