@@ -41,7 +41,7 @@ import numpy as np
 
 from savegame.keras import SavegameCallback
 from savegame.worker.checkpointer import Checkpointer
-from savegame.worker.keras import host_array
+from savegame.worker.keras.format import host_array
 
 TARGETS = {"stall_vs_plain_copy": ("<=", 1.25), "commit_vs_raw_write": ("<=", 1.25),
            "throughput_while_saving": (">=", 0.95), "restore_vs_raw_read": ("<=", 1.25)}

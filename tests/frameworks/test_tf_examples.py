@@ -83,7 +83,7 @@ def _checker(run_dir: str, tmp: str) -> dict[str, Any]:
     from savegame.errors import SavegameError
     from savegame.storage import CheckpointStore
     from savegame.worker.adapter import CheckpointReader
-    from savegame.worker.tensorflow import TensorFlowAdapter
+    from savegame.worker.tensorflow.adapter import TensorFlowAdapter
 
     store = CheckpointStore(run_dir)
     checkpoints = sorted(store.list(), key=lambda c: c.step)

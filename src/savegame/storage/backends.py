@@ -5,21 +5,18 @@ Two commit strategies, chosen by the location (like Orbax's rename vs commit-mar
   file, write and fsync the manifest, rename the folder into place, fsync the parent;
 - object storage (storage/objectstore.py, no rename): upload the payload under the final prefix,
   then write manifest.json last and create-only.
-Paths given to a backend are relative to the run root and use '/'. This module holds what both share.
+Paths given to a backend are relative to the run root and use '/'. This module holds what both share;
+storage/factory.py picks one (the backends never import the factory).
 """
 from __future__ import annotations
 
 import errno
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import Protocol
 
 from savegame.errors import StorageError
 from savegame.storage.location import Location
-
-if TYPE_CHECKING:
-    from savegame.storage.local import LocalBackend
-    from savegame.storage.objectstore import ObjectBackend
 
 STAGING_DIR = ".staging"
 QUARANTINE_DIR = ".quarantine"
@@ -67,12 +64,3 @@ def storage_error(exc: BaseException, what: str) -> StorageError:
         return StorageError(errno.EACCES, f"{what}: permission denied; check the folder's owner and mode")
     return StorageError(getattr(exc, "errno", None) or errno.EIO, f"{what}: {type(exc).__name__}: {exc}")
 
-
-def make_backend(location: Location) -> Union["LocalBackend", "ObjectBackend"]:
-    if location.is_local:
-        from savegame.storage.local import LocalBackend
-
-        return LocalBackend(location)
-    from savegame.storage.objectstore import ObjectBackend
-
-    return ObjectBackend(location)

@@ -14,7 +14,8 @@ import time
 from typing import Any, BinaryIO, Callable, Mapping
 
 from savegame.errors import Cancelled, CheckpointNotFound, CorruptCheckpoint, StorageError
-from savegame.storage.backends import FolderEntry, StagingEntry, make_backend
+from savegame.storage.backends import FolderEntry, StagingEntry
+from savegame.storage.factory import make_backend
 from savegame.storage.checksum import CHUNK, Hasher, checksum_stream, is_supported
 from savegame.storage.location import Location, parse_location
 from savegame.storage.manifest import FileEntry, folder_name, parse_manifest, utc_now_iso

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Protocol, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
-from savegame.errors import ConfigError, CorruptCheckpoint, UnsupportedFormat
+from savegame.errors import CorruptCheckpoint, UnsupportedFormat
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.storage.checksum import Hasher, checksum_stream
 from savegame.worker.safetensors_io import Allocate, TensorBlob, TensorInfo, read_safetensors
@@ -37,6 +37,15 @@ class Capture:
     # into the blobs' buffers), and the writer calls `ready(n)` before writing data bytes [0, n).
     fill: Optional[Callable[[], None]] = None
     ready: Optional[Callable[[int], None]] = None
+
+
+class Owner(Protocol):
+    """What an adapter may read from the Checkpointer it is bound to (`bind(owner)`), so adapters
+    never import the Checkpointer module (which loads them)."""
+
+    progress: Any  # savegame.worker.progress.Progress
+    store: CheckpointStore
+    epoch_length: Optional[int]
 
 
 class Adapter(Protocol):
@@ -113,32 +122,3 @@ class CheckpointReader:
                 raise CorruptCheckpoint(f"{self.info.path}: {relpath}: checksum mismatch: the file was altered or damaged")
         return path
 
-
-def make_adapter(framework: Optional[str], objects: Mapping[str, Any]) -> Adapter:
-    """The adapter for `framework`, or for the framework of the tracked objects (imported lazily)."""
-    name = framework or _detect_framework(objects)
-    if name == "torch":
-        from savegame.worker.torch import TorchAdapter
-        return TorchAdapter()
-    if name == "keras":
-        from savegame.worker.keras import KerasAdapter
-        return KerasAdapter()
-    if name == "numpy":
-        from savegame.worker.numpy import NumpyAdapter
-        return NumpyAdapter()
-    if name == "tensorflow":
-        from savegame.worker.tensorflow import TensorFlowAdapter
-        return TensorFlowAdapter()
-    raise ConfigError(f"unknown framework {name!r}; use torch, keras, tensorflow or numpy")
-
-
-def _detect_framework(objects: Mapping[str, Any]) -> str:
-    for obj in objects.values():
-        module = type(obj).__module__.split(".")[0]
-        if module in ("torch", "keras", "tensorflow", "numpy"):
-            return module
-        for base in type(obj).__mro__:
-            root = base.__module__.split(".")[0]
-            if root in ("torch", "keras", "tensorflow"):
-                return root
-    raise ConfigError("cannot tell the framework of the tracked objects; pass framework='torch' (or keras, tensorflow)")

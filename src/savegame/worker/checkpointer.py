@@ -27,12 +27,13 @@ from savegame.config import explicit_for_worker
 from savegame.errors import ConfigError, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history
-from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader, make_adapter
+from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
 from savegame.worker.exits import exit_config, exit_io, say, say_now
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
+from savegame.worker.registry import make_adapter
 from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources, stored_policy
 from savegame.worker.signals import StopRequests
 from savegame.worker.writer import BackgroundWriter, SaveJob

@@ -24,7 +24,7 @@ import numpy as np
 
 from savegame.errors import ConfigError, CorruptCheckpoint, UnsupportedFormat
 from savegame.worker.adapter import Capture, CheckpointReader
-from savegame.worker.keras_format import (KERAS_FILE, WEIGHTS_FILE, HostBuffers, build_optimizer, host_array,
+from savegame.worker.keras.format import (KERAS_FILE, WEIGHTS_FILE, HostBuffers, build_optimizer, host_array,
                                           numpy_dtype, read_weights, record_layout, serialized_config,
                                           with_optimizer_variables, write_keras_file, write_weights_h5)
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
@@ -386,13 +386,3 @@ def weights_sha256(model: Any) -> str:
         digest.update(np.ascontiguousarray(host_array(variable)).tobytes())
     return digest.hexdigest()
 
-
-def __getattr__(name: str) -> Any:
-    # The callback and the loaders live in their own modules; `savegame.worker.keras.X` still works.
-    if name == "SavegameCallback":
-        from savegame.worker.keras_callback import SavegameCallback
-        return SavegameCallback
-    if name in ("checkpoint_file", "load_model", "load_weights"):
-        from savegame.worker import keras_load
-        return getattr(keras_load, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

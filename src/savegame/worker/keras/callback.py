@@ -18,8 +18,8 @@ import numpy as np
 
 from savegame.errors import ConfigError
 from savegame.worker.checkpointer import Checkpointer
-from savegame.worker.keras import ResumableBatches, global_seed_generator, set_torch_rng
-from savegame.worker.keras_format import host_array
+from savegame.worker.keras.adapter import ResumableBatches, global_seed_generator, set_torch_rng
+from savegame.worker.keras.format import host_array
 
 log = logging.getLogger("savegame.worker")
 

@@ -30,8 +30,7 @@ import tensorflow as tf
 
 from savegame.errors import ConfigError, CorruptCheckpoint
 from savegame.storage.backends import STAGING_DIR
-from savegame.worker.adapter import Capture, CheckpointReader
-from savegame.worker.checkpointer import Checkpointer
+from savegame.worker.adapter import Capture, CheckpointReader, Owner
 
 TF_DIR = "tf"
 PREFIX = "ckpt"
@@ -69,11 +68,11 @@ class TensorFlowAdapter:
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
         self.live_state_damaged = False  # a failed restore left partly-read values in the objects
-        self._owner: Optional[Checkpointer] = None
+        self._owner: Optional[Owner] = None
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="savegame_step")
         self._checkpoint: Optional[tf.train.Checkpoint] = None
 
-    def bind(self, checkpointer: Checkpointer) -> None:
+    def bind(self, checkpointer: Owner) -> None:
         self._owner = checkpointer
 
     def add(self, **objects: Any) -> None:
@@ -196,24 +195,6 @@ def _build_optimizers(objects: Iterable[Any]) -> None:
     for optimizer in (o for o in objects if isinstance(o, keras.optimizers.Optimizer)):
         if not optimizer.built and len(models) == 1:
             optimizer.build(models[0].trainable_variables)
-
-
-def auto_resume(model_dir: Optional[str] = None, *, keep_checkpoint_max: Optional[int] = None,
-                save_checkpoints_steps: Optional[int] = None, save_checkpoints_epochs: Optional[int] = 1,
-                save_checkpoints_secs: Optional[float] = None, monitor: Optional[str] = None, mode: str = "auto",
-                **objects: Any) -> Checkpointer:
-    """What an Estimator's RunConfig(model_dir, keep_checkpoint_max, save_checkpoints_steps) did.
-
-    Tracks the objects, restores the newest valid checkpoint in `model_dir` (falling back past a
-    damaged one) and returns the Checkpointer that drives the loop. Retention keeps the newest
-    `keep_checkpoint_max` (and the best, when a metric is monitored).
-    """
-    ckpt = Checkpointer(model_dir, framework="tensorflow", monitor=monitor, mode=mode, keep_last=keep_checkpoint_max,
-                        keep_best=1 if monitor else None, every_steps=save_checkpoints_steps or 0,
-                        every_epochs=save_checkpoints_epochs or 0, every_seconds=save_checkpoints_secs or 0)
-    ckpt.track(**objects)
-    ckpt.restore()
-    return ckpt
 
 
 def weights_sha256(model: Any) -> str:

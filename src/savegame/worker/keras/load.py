@@ -16,7 +16,7 @@ import keras
 from savegame.errors import ConfigError, CorruptCheckpoint, UnsupportedFormat
 from savegame.storage import CheckpointStore
 from savegame.worker.adapter import CheckpointReader
-from savegame.worker.keras_format import KERAS_FILE, WEIGHTS_FILE, build_optimizer, tensorflow_hidden
+from savegame.worker.keras.format import KERAS_FILE, WEIGHTS_FILE, build_optimizer, tensorflow_hidden
 
 
 def checkpoint_file(path: str, which: Union[str, int] = "latest", monitor: Optional[str] = None,

@@ -18,9 +18,9 @@ from savegame.errors import ConfigError, CorruptCheckpoint
 from savegame.worker.adapter import Capture, CheckpointReader
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
-from savegame.worker.torch_buffers import DTYPES, TORCH_DTYPES, HostBuffers
-from savegame.worker.torch_loader import shield_loader_workers
-from savegame.worker.torch_buffers import bytes_view as _bytes_view
+from savegame.worker.torch.buffers import DTYPES, TORCH_DTYPES, HostBuffers
+from savegame.worker.torch.loader import shield_loader_workers
+from savegame.worker.torch.buffers import bytes_view as _bytes_view
 
 
 

@@ -1,0 +1,1 @@
+"""The PyTorch adapter (savegame.torch is the public module): adapter, host buffers, DataLoader workers."""
