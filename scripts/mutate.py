@@ -79,12 +79,13 @@ def copy_tree(into: Path) -> None:
     shutil.copytree(ROOT / "src", into / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 
-def run_tests(src: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
+def run_tests(src: Path, tests: tuple[str, ...]) -> tuple[int, float]:
+    """pytest's exit code (0 passed, 1 a test failed; anything else: the run itself broke) and seconds."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    return done.returncode == 0, time.monotonic() - started
+    return done.returncode, time.monotonic() - started
 
 
 def apply(copy: Path, mutation: Mutation) -> None:
@@ -105,14 +106,16 @@ def main(names: list[str]) -> int:
             copy = Path(tmp) / mutation.name
             copy_tree(copy)
             clean, _ = run_tests(copy / "src", mutation.tests)
-            if not clean:
+            if clean != 0:
                 rows.append((mutation.name, "tests fail unmutated", "-"))
                 survivors += 1
                 continue
             apply(copy, mutation)
-            passed, seconds = run_tests(copy / "src", mutation.tests)
-            survivors += passed
-            rows.append((mutation.name, "SURVIVED" if passed else "caught", f"{seconds:.0f}s"))
+            code, seconds = run_tests(copy / "src", mutation.tests)
+            # Caught means a test failed (exit 1); a run that broke (collection error: exit 2..4) proves nothing.
+            result = "caught" if code == 1 else "SURVIVED" if code == 0 else f"run broke (pytest exit {code})"
+            survivors += result != "caught"
+            rows.append((mutation.name, result, f"{seconds:.0f}s"))
             print(f"{mutation.name:28} {rows[-1][1]:22} {rows[-1][2]}", flush=True)
     print("\n| mutation | result | tests took |\n|---|---|---|")
     for name, result, seconds in rows:
