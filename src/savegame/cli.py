@@ -1,4 +1,4 @@
-"""`savegame run | ls | verify | prune | restore | status`. Logging is configured here, and only here.
+"""`savegame run | ls | verify | prune | restore | export | status`. Logging is configured here, and only here.
 
 Exit codes: 0 ok, 1 a run gave up or verify found damage, 2 usage, 74 checkpoints did not reach where
 they must (the mirror, a full disk), 78 bad configuration.
@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--monitor")
     restore.add_argument("--mode", choices=("min", "max", "auto"))
     restore.add_argument("--to", required=True, metavar="DIR")
+
+    export = sub.add_parser("export", help="write one checkpoint's model in its framework's own format")
+    export.add_argument("url", metavar="DIR_OR_URL")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true")
+    which.add_argument("--best", action="store_true", help="best by the run's monitored metric")
+    which.add_argument("--step", type=int)
+    export.add_argument("--monitor")
+    export.add_argument("--mode", choices=("min", "max", "auto"))
+    export.add_argument("--object", metavar="NAME", help="which tracked model (torch: default 'model')")
+    export.add_argument("--to", required=True, metavar="FILE",
+                        help="torch: FILE.safetensors; Keras: FILE.keras or FILE.weights.h5; TensorFlow: a prefix")
 
     status = sub.add_parser("status", help="show what the daemon of a run folder is doing")
     status.add_argument("dir", metavar="DIR")
@@ -205,6 +217,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from savegame.export import export
+    from savegame.inspect_cmds import choose
+
+    store, config = _open_with_policy(args)
+    which = "latest" if args.latest else "best" if args.best else "step"
+    info = choose(store, which, args.step, config)
+    what = export(store, info, args.to, args.object)
+    print(f"exported step {info.step} (epoch {info.epoch}, {info.reason}) to {args.to}: {what}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from savegame.daemon.supervisor import run_supervised
 
@@ -235,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ls": cmd_ls, "verify": cmd_verify, "prune": cmd_prune,
-            "restore": cmd_restore, "status": cmd_status}
+            "restore": cmd_restore, "export": cmd_export, "status": cmd_status}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

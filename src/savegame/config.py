@@ -1,6 +1,7 @@
 """Configuration: a TOML file, command-line flags and script defaults, validated in one place.
 
-Layers merge low to high (regime preset < script defaults < config file < command line), each
+Layers merge low to high (regime preset < script defaults < script arguments < config file < command
+line; a script's default schedule and retention give way when a higher layer chooses a regime), each
 checked against the schema below. A bad key or value raises ConfigError naming the source, the
 key, the value and what is allowed. The rest of the code only sees `RunConfig` and the policy
 objects it builds.
@@ -152,6 +153,7 @@ TOP_KEYS: dict[str, Parser] = {
     "preemption_interval": _at_least(0.5, _wait), "command": _command, "storage": _table,
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS}
+PRESET_SECTIONS = ("save", "keep", "mirror_keep")  # what a regime's preset decides
 DEFAULTS: dict[str, Any] = {
     "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
     "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
@@ -165,6 +167,9 @@ class Layer:
 
     source: str
     values: Mapping[str, Any]
+    # A script's (or an adapter's) defaults, as opposed to its explicit arguments: they hold over the
+    # regime's preset, but their [save] and [keep] give way when a higher layer chooses a regime.
+    default: bool = False
 
 
 def validate_layer(layer: Layer) -> dict[str, Any]:
@@ -251,7 +256,10 @@ class RunConfig:
 def build_config(layers: Sequence[Layer]) -> RunConfig:
     """Validate and merge layers (lowest first) over the defaults and the chosen regime's preset."""
     explicit: dict[str, Any] = {}
-    for layer in layers:
+    for index, layer in enumerate(layers):
+        if layer.default and any("regime" in higher.values for higher in layers[index + 1:]):
+            # defaults meant for no particular regime give way to a chosen one's schedule and retention
+            layer = Layer(layer.source, {k: v for k, v in layer.values.items() if k not in PRESET_SECTIONS})
         explicit = _merge(explicit, validate_layer(layer))
     regime = explicit.get("regime", DEFAULT_REGIME)
     preset = validate_layer(Layer(f"regime {regime!r}", REGIMES[regime]))

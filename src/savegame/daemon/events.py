@@ -119,4 +119,6 @@ def next_heartbeat(previous: Mapping[str, Any], event: Mapping[str, Any], now: f
         current = (step - previous["step"]) / (now - previous["time"])
         rate = current if not rate else 0.7 * rate + 0.3 * current
     epoch = number(event, "epoch")
-    return {"step": step, "epoch": None if epoch is None else int(epoch), "time": now, "steps_per_s": rate}
+    monitor = event.get("monitor")
+    return {"step": step, "epoch": None if epoch is None else int(epoch), "time": now, "steps_per_s": rate,
+            "monitor": monitor[:200] if isinstance(monitor, str) else None, "best": number(event, "best")}

@@ -17,6 +17,7 @@ background. Without a daemon it also applies retention itself.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -32,6 +33,7 @@ from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
 from savegame.worker.exits import exit_config, exit_io, say, say_now
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
+from savegame.worker.narrate import Narrator
 from savegame.worker.progress import Progress, rng_state, set_rng_state
 from savegame.worker.registry import make_adapter
 from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources, stored_policy
@@ -50,13 +52,14 @@ class Checkpointer:
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
                  handle_signals: bool = True, initial_best: Optional[float] = None,
-                 steps_per_epoch: Optional[int] = None) -> None:
+                 steps_per_epoch: Optional[int] = None, verbose: int = 1,
+                 defaults: Optional[Mapping[str, Any]] = None) -> None:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
         try:
             self.dir = choose_dir(dir)
             stored = stored_policy(self.dir, self.supervised)
-            self.config = load_config(locals(), stored)
+            self.config = load_config(locals(), stored, defaults)
             # Steps per epoch, when known (batches() takes it from len(loader)). Without it a periodic
             # save due at a step that may end the epoch waits for the next boundary (see _defer).
             self.epoch_length: Optional[int] = positive_int("steps_per_epoch", steps_per_epoch)
@@ -74,6 +77,7 @@ class Checkpointer:
         self._initial_best = initial_best  # a best to beat before anything counts as "best" (Keras' initial_value_threshold)
         self._history = History(last_time=time.monotonic(), best=initial_best)
         self._requests = StopRequests()
+        self.narrator = Narrator(verbose)
         self._handle_signals = handle_signals
         self._training = False  # signals are taken over at the first training call, not before
         if not self.supervised:  # at a terminal: say at once what Ctrl-C does
@@ -129,6 +133,8 @@ class Checkpointer:
                 log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
                 continue
             log.info("resumed from step %d (epoch %d, %s) at %s", info.step, info.epoch, info.reason, info.path)
+            self.narrator.resumed(info.step, self.progress.epoch, self.progress.batch_in_epoch,
+                                  self._monitor_name, self.best)
             self._report("resumed", policy=explicit_for_worker(self.config))
             return info
         if getattr(self._adapter, "live_state_damaged", False):
@@ -224,6 +230,8 @@ class Checkpointer:
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
         self.metrics = {k: float(v) for k, v in metrics.items()}
+        if self._monitor_name and self._monitor_name not in self.metrics:
+            self.narrator.missing_metric(self._monitor_name, self.progress.epoch, self.metrics)
         self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), True, self.metrics))
 
     def _boundary(self, moment: Moment) -> None:
@@ -237,9 +245,13 @@ class Checkpointer:
                                     else self._schedule.due(moment, self._history))
         reason = self._defer(reason, moment)
         monitor = self.config.monitor
+        before = self._history.best
         # Update the history first: the checkpoint saved here must hold this boundary's best value.
         self._history = next_history(self._history, moment, stop or bool(reason), *(monitor or (None, "max")),
                                      self.config["save"]["min_delta"])
+        if moment.at_epoch_end:
+            self.narrator.epoch_end(moment.epoch, self._monitor_name, before, self._history.best,
+                                    (moment.step, reason) if reason and not stop else None)
         if stop:
             self._stop(moment)
         if reason:
@@ -275,7 +287,13 @@ class Checkpointer:
         return self._history.best
 
     @property
+    def _monitor_name(self) -> Optional[str]:
+        return self.config.monitor[0] if self.config.monitor else None
+
+    @property
     def should_stop(self) -> bool:
+        """True once a stop was requested (SIGTERM, Ctrl-C): a loop that does not go through step()
+        may check it, save and exit 75 itself."""
         return self._requests.stop
 
     # -- saving ---------------------------------------------------------------------------------
@@ -316,7 +334,9 @@ class Checkpointer:
 
     def _committed(self, info: CheckpointInfo) -> None:
         if not self.supervised:  # the daemon applies retention to what it supervises
-            apply_retention(self.store, self.config, self.resumed_from)
+            # The resume source is protected until a newer checkpoint stands in for it.
+            superseded = self.resumed_from is not None and info.step > self.resumed_from
+            apply_retention(self.store, self.config, None if superseded else self.resumed_from)
 
     # -- stopping -------------------------------------------------------------------------------
 
@@ -324,6 +344,7 @@ class Checkpointer:
         """Emergency: commit this step's state (unless it already is), then exit 75."""
         self._link.send("saving", step=moment.step, reason="emergency")
         self._commit_now("emergency", moment.metrics if moment.at_epoch_end else {})
+        self.narrator.saved(moment.step, "emergency")
         self._report("stopping")
         self.close()
         if self._requests.interrupted and not self.supervised:
@@ -353,7 +374,9 @@ class Checkpointer:
         self._link.close()
 
     def _status(self) -> dict[str, Any]:
-        return {"step": self.progress.step, "epoch": self.progress.epoch, "resumed_from": self.resumed_from}
+        best = self._history.best
+        return {"step": self.progress.step, "epoch": self.progress.epoch, "resumed_from": self.resumed_from,
+                "monitor": self._monitor_name, "best": best if best is not None and math.isfinite(best) else None}
 
     def _report(self, event: str, **extra: Any) -> None:
         self._link.report(event, **extra)

@@ -15,6 +15,16 @@ def say(line: str) -> None:
     print(f"savegame: {line}", file=sys.stderr, flush=True)
 
 
+_warned: set[str] = set()
+
+
+def warn_once(key: str, line: str) -> None:
+    """A warning said once per process (e.g. about the data loader, at each resume it would repeat)."""
+    if key not in _warned:
+        _warned.add(key)
+        say(f"warning: {line}")
+
+
 def say_now(line: str) -> None:
     """`say` from a signal handler: one write(2), nothing buffered that the interrupted code may hold."""
     try:
