@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
-Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint", "spawn", "save-failed"]
+Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint", "spawn", "save-failed", "rollback"]
 FAILURE_CAUSES = ("crash", "killed", "hang", "bad-checkpoint", "spawn", "save-failed")
 
 
