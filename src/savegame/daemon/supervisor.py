@@ -236,6 +236,8 @@ class Supervisor:
                 self._note_commit(event)
             elif kind == "saving":
                 self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
+            elif kind == "interval" and isinstance(event.get("why"), str):
+                log.info("the worker saves every %.1fs now: %s", number(event, "seconds") or 0.0, event["why"][:500])
             elif kind == "bad-checkpoint":
                 log.error("the worker could not load step %s: %s", event.get("step"), str(event.get("problem"))[:500])
 

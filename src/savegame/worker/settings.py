@@ -37,7 +37,8 @@ def load_config(args: Mapping[str, Any], stored: Optional[Layer] = None) -> RunC
     keep = {name: args[f"keep_{name}"] for name in ("last", "best") if args[f"keep_{name}"] is not None}
     layers = [] if stored is None else [stored]
     layers.append(Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
-                                              **({"keep": keep} if keep else {})}))
+                                              **({"keep": keep} if keep else {}),
+                                              **({"rollback": dict(args["rollback"])} if args.get("rollback") else {})}))
     config_path = os.environ.get(protocol.ENV_CONFIG)
     if config_path:
         try:
