@@ -94,17 +94,18 @@ class Decisions:
         d = self.daemon
         self.rollback_before = before
         why = f"saved at or after step {before}, where the loss went bad"
-        for store, timeout in ((d.local, None), (d.remote, QUICK_LIST_S)):
+        for store in (d.local, d.remote):
             if store is None:
                 continue
+            bounded = (lambda call, what: call()) if store.is_local else \
+                (lambda call, what: with_deadline(call, QUICK_LIST_S, what))  # a slow bucket must not hold the loop
             try:
-                listing = store.list() if timeout is None else with_deadline(store.list, timeout, f"listing {store.url}")
-                for info in (c for c in listing if c.step >= before):
-                    store.quarantine(info.step, why)
+                for info in [c for c in bounded(store.list, f"listing {store.url}") if c.step >= before]:
                     d.set_aside.add(info.step)
+                    bounded(lambda: store.quarantine(info.step, why), f"quarantining step {info.step}")
                     log.warning("quarantined step %d in %s: %s", info.step, store.url, why)
             except StorageError as exc:
-                log.error("cannot set aside the checkpoints after step %d in %s: %s", before, store.url, exc)
+                log.error("cannot set aside the checkpoints from step %d on in %s: %s", before, store.url, exc)
 
     def approve(self) -> None:
         """Once the mirror is flushed: approve the Azure events that stopped the run, when the
