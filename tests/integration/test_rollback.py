@@ -4,6 +4,7 @@ ends; no checkpoint of the bad state is ever saved, the ones from the anomaly's 
 (quarantined, not deleted), and `max` is enforced (the daemon exits 76)."""
 import json
 import subprocess
+from datetime import datetime
 import sys
 from pathlib import Path
 
@@ -102,3 +103,23 @@ def test_rollback_off_leaves_a_nan_alone(tmp_path):
     daemon = Daemon(run, [LOSS_WORKER, "--nan-at", "0:12"]).start()
     assert daemon.wait(timeout=120) == 0, daemon.stderr
     assert "went bad" not in daemon.stderr and not (run / ".savegame" / "anomalies.json").exists()
+
+
+def test_the_bucket_copy_of_a_suspect_step_is_set_aside_too(tmp_path, s3_server):
+    """Step 12 is saved and mirrored before batch 12's NaN shows: the rollback quarantines it on both
+    tiers, so neither this daemon nor a fresh machine resuming from the bucket starts from it."""
+    url = f"s3://{s3_server.make_bucket()}/run"
+    run = tmp_path / "run"
+    worker = [LOSS_WORKER, "--nan-at", "0:12", "--every", "4", "--pause-at", "0:12", "--pause", "3"]
+    daemon = Daemon(run, worker, [*rollback_config(tmp_path, on=["nan"], skip_batches=True), "--mirror", url],
+                    env=s3_server.env).start()
+    assert daemon.wait(timeout=120) == 0, daemon.stderr
+    listing = subprocess.run([sys.executable, "-m", "savegame.cli", "ls", url, "--json", "--all"], env=clean_env(
+        s3_server.env), capture_output=True, text=True, timeout=60)
+    rows = json.loads(listing.stdout)
+    anomaly_time = json.loads((run / ".savegame" / "anomalies.json").read_text())["anomalies"][0]["time"]
+    for row in rows:  # every listed step from 12 on was saved after the rollback (the new timeline)
+        if row["status"] == "committed" and row["step"] >= 12:
+            assert datetime.fromisoformat(row["created"].replace("Z", "+00:00")).timestamp() > anomaly_time - 1, row
+    assert any(row["step"] == 12 and row["status"] == "quarantined" for row in rows), rows
+    assert f"quarantined step 12 in {url}" in daemon.stderr and "resuming from step 8" in daemon.stderr

@@ -6,6 +6,8 @@ Prints `final-weights-sha256 <hex>` at the end, so runs can be compared bit for 
 """
 import argparse
 import hashlib
+import os
+import time
 
 import numpy as np
 
@@ -24,6 +26,8 @@ parser.add_argument("--every", type=int, default=4)
 parser.add_argument("--nan-at", type=position, help="the batch at EPOCH:BATCH holds a NaN")
 parser.add_argument("--spike-at", type=position, help="the batch at EPOCH:BATCH is 1000 times too large")
 parser.add_argument("--drop", type=position, help="the reference: leave the batch at EPOCH:BATCH out")
+parser.add_argument("--pause-at", type=position, help="sleep --pause seconds before training EPOCH:BATCH (first time)")
+parser.add_argument("--pause", type=float, default=0.0)
 parser.add_argument("--rollback", help="on=nan,spike;skip: the rollback setting given to Checkpointer(...)")
 args = parser.parse_args()
 
@@ -52,6 +56,8 @@ for epoch in ckpt.epochs(args.epochs):
     for index in ckpt.batches(range(args.steps_per_epoch)):
         if (epoch, index) == args.drop:
             continue
+        if (epoch, index) == args.pause_at and os.environ.get("SAVEGAME_ATTEMPT", "1") == "1":
+            time.sleep(args.pause)  # the mirror uploads what was saved so far meanwhile
         x = batch_data(epoch, index)
         loss = float(np.mean((weights - x) ** 2))
         weights -= 0.05 * (weights - x)
