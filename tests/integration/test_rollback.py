@@ -123,3 +123,12 @@ def test_the_bucket_copy_of_a_suspect_step_is_set_aside_too(tmp_path, s3_server)
             assert datetime.fromisoformat(row["created"].replace("Z", "+00:00")).timestamp() > anomaly_time - 1, row
     assert any(row["step"] == 12 and row["status"] == "quarantined" for row in rows), rows
     assert f"quarantined step 12 in {url}" in daemon.stderr and "resuming from step 8" in daemon.stderr
+
+
+def test_the_scripts_own_rollback_setting_is_the_daemons_too(tmp_path):
+    """Checkpointer(rollback={..., "max": 2}) with no [rollback] given to the daemon: the daemon gives up
+    after 2 rollbacks as the script said, not after its own default of 3."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, [LOSS_WORKER, "--nan-at", "0:6", "--every", "4", "--rollback", "nan"]).start()
+    assert daemon.wait(timeout=120) == 76, daemon.stderr
+    assert "rollback 2 of 2" in daemon.stderr and "giving up: the loss went bad 3 times (rollback.max = 2)" in daemon.stderr

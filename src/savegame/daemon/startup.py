@@ -117,6 +117,7 @@ class Startup:
             return
         changed = config.values != self.config.values or not self.policy_known
         self.config, self.policy_known = config, True
+        d.policy = config.restart_policy()  # the script's [rollback] max counts here too
         if not changed:
             return
         d.chooser.monitor = config.monitor
