@@ -32,8 +32,8 @@ from savegame.worker.cadence import AutoCadence
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
 from savegame.worker.exits import exit_config, exit_io, say, say_now
-from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.guard import LossGuard
+from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
 from savegame.worker.rollback import batches_to_skip, roll_back
 from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources, stored_policy
