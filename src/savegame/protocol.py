@@ -25,6 +25,7 @@ ENV_ATTEMPT = "SAVEGAME_ATTEMPT"
 ENV_EVENTS = "SAVEGAME_EVENTS"
 ENV_CONFIG = "SAVEGAME_CONFIG"  # JSON file of the settings the user gave the daemon (an addition)
 ENV_PROGRESS = "SAVEGAME_PROGRESS"  # 8-byte file the worker writes its step into (an addition)
+ENV_RELIABILITY = "SAVEGAME_RELIABILITY"  # {"failures": n, "observed_s": t}: the run's record, for the MTBF
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,6 +33,7 @@ EXIT_USAGE = 2
 EXIT_BAD_CHECKPOINT = 65  # EX_DATAERR: the resume checkpoint failed verification while loading
 EXIT_IO = 74  # EX_IOERR (daemon): checkpoints did not reach where they must (the mirror, a full disk)
 EXIT_SAVED_RESUME_ME = 75  # EX_TEMPFAIL: emergency checkpoint committed, resume me
+EXIT_ROLLBACK = 76  # the loss went bad (NaN, a spike): worker: roll me back; daemon: more often than rollback.max
 EXIT_CONFIG = 78  # EX_CONFIG: never retried
 
 MAX_DATAGRAM = 16 * 1024

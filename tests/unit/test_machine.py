@@ -188,3 +188,46 @@ def test_a_worker_that_could_not_save_is_told_apart():
     assert "could not be committed" in trace[-1][2]
     machine, trace = run([m.Spawned(1), m.WorkerExited(74, None, 9)])
     assert machine.state == m.State.BACKOFF and machine.failures[-1].cause == "save-failed"
+
+
+# ---------------------------------------------------------------- SLURM requeue, NaN/spike rollback
+
+def test_a_preemption_signal_stops_then_requeues_after_the_exit_code_is_settled():
+    machine, trace = run([m.Spawned(10), m.StopRequested("SIGUSR1 (the preemption signal)", requeue=True),
+                          m.WorkerExited(75, None, 7)])
+    assert machine.state == m.State.STOPPED and machine.requeue
+    assert kinds(trace[-1][1]) == ["KillGroup", "Finish", "Requeue"]  # the mirror first, then the requeue
+    _, trace = run([m.Spawned(10), m.WorkerExited(1, None, 5), m.StopRequested("SIGUSR1", requeue=True)])
+    assert kinds(trace[-1][1]) == ["Finish", "Requeue"]  # no worker running: requeued all the same
+
+
+def test_a_plain_stop_never_requeues_even_if_the_preemption_signal_follows():
+    _, trace = run([m.Spawned(10), m.StopRequested("SIGTERM"), m.StopRequested("SIGUSR1", requeue=True),
+                    m.WorkerExited(75, None, 7)])
+    assert "Requeue" not in kinds(trace[-1][1])
+
+
+def test_an_anomalous_loss_rolls_back_without_spending_the_budget():
+    events = [m.Spawned(1)]
+    for i in range(3):  # three rollbacks with max 3, plus crashes: the crash budget is untouched by them
+        events += [m.WorkerExited(76, None, 31, anomaly_step=30, anomalies=i + 1), m.BackoffOver(), m.Spawned(2)]
+    machine, trace = run(events, policy=RestartPolicy(max_restarts=0, window_s=100, max_rollbacks=3))
+    assert machine.state == m.State.RUNNING
+    rollbacks = [actions for state, actions, reason in trace if any(isinstance(a, m.RollBack) for a in actions)]
+    assert len(rollbacks) == 3 and all(m.RollBack(30) in a and m.SetTimer("backoff", 0) in a for a in rollbacks)
+    assert "rolling back to before step 30 (rollback 2 of 3)" in trace[4][2]
+
+
+def test_one_anomaly_more_than_max_gives_up_with_exit_76():
+    machine, trace = run([m.Spawned(1), m.WorkerExited(76, None, 31, anomaly_step=30, anomalies=4)],
+                         policy=RestartPolicy(max_rollbacks=3))
+    assert machine.state == m.State.FAILED and trace[-1][1][-1] == m.Finish(76)
+    assert m.RollBack(30) in trace[-1][1]  # its checkpoints are set aside all the same
+    assert "4 times" in trace[-1][2] and "rollback.max = 3" in trace[-1][2]
+
+
+def test_an_anomaly_during_a_stop_sets_its_checkpoints_aside_and_stops():
+    machine, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"), m.WorkerExited(76, None, 31, anomaly_step=30,
+                                                                                   anomalies=1)])
+    assert machine.state == m.State.STOPPED and m.RollBack(30) in trace[-1][1] and trace[-1][1][-1] == m.Finish(0)
+    assert "the loss went bad" in trace[-1][2]

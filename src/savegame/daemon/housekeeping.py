@@ -35,7 +35,8 @@ class Housekeeping:
     def tick(self) -> None:
         d = self.daemon
         now = time.monotonic()
-        if d.notifier.watchdog_interval_s and now - self.watchdog_at >= d.notifier.watchdog_interval_s:
+        due = d.notifier.watchdog_interval_s and now - self.watchdog_at >= d.notifier.watchdog_interval_s
+        if due and d.exit_code is None:  # once the run is over, its final STATUS= is the last message
             d.notifier.watchdog()
             self.watchdog_at = now
         if self.dirty and d.exit_code is None:

@@ -10,6 +10,7 @@ transition with its reason, so the whole life of a run can be read from the log.
                 RUNNING -> DRAINING -> STOPPED       stop request: emergency checkpoint, exit 75
                 DRAINING -> KILLING -> STOPPED       the grace period ran out
                 RUNNING -> KILLING -> BACKOFF        a hang: stacks dumped, group killed
+                RUNNING -> BACKOFF -> STARTING       the loss went bad (exit 76): roll back, at once
                 any     -> FAILED                    aborted: the daemon itself cannot go on
 """
 from __future__ import annotations
@@ -57,6 +58,8 @@ class WorkerExited:
     last_step: Optional[int]  # the step it had reached (exact: the worker writes it at every boundary)
     loaded_step: Optional[int] = None  # the checkpoint it said it had loaded, if any
     emergency_saved: bool = False  # it reported an emergency commit (a wrapper may lose exit code 75)
+    anomaly_step: Optional[int] = None  # exit 76: checkpoints at or after this step hold a bad state
+    anomalies: int = 0  # exit 76: how many times the run's loss went bad so far, this one included
 
     @property
     def suspect_step(self) -> Optional[int]:
@@ -71,6 +74,7 @@ class WorkerExited:
 @dataclass(frozen=True)
 class StopRequested:
     signal_name: str
+    requeue: bool = False  # a scheduler's preemption signal (SLURM): requeue the job once stopped
 
 
 @dataclass(frozen=True)
@@ -141,11 +145,22 @@ class SetAsideResume:
 
 
 @dataclass(frozen=True)
+class RollBack:
+    before_step: int  # set aside the checkpoints at or after it; the next start resumes from before it
+
+
+@dataclass(frozen=True)
 class Finish:
     exit_code: int
 
 
-Action = Union[StartWorker, SignalWorker, KillGroup, SetTimer, QuarantineResume, SetAsideResume, Finish]
+@dataclass(frozen=True)
+class Requeue:
+    pass  # after Finish (the mirror holds the emergency checkpoint): `scontrol requeue` the job
+
+
+Action = Union[StartWorker, SignalWorker, KillGroup, SetTimer, QuarantineResume, SetAsideResume, RollBack, Finish,
+               Requeue]
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,7 @@ class Machine:
     failures: tuple[Failure, ...] = field(default_factory=tuple)
     fell_back: bool = False  # a fallback was used once: the next "stuck" gives up
     fallback_next: bool = False  # the next start resumes from the checkpoint before the last one
+    requeue: bool = False  # the stop came from a scheduler's preemption signal: requeue once stopped
     grace_s: float = 25.0
     dump_wait_s: float = 2.0
 
@@ -208,28 +224,30 @@ def _on_stop(m: Machine, event: StopRequested) -> Transition:
     if m.stopping:
         return Transition(m, (), f"{event.signal_name} again: already stopping, the emergency checkpoint "
                                  "is not cut short")
-    stopping = replace(m, stopping=True)
+    stopping = replace(m, stopping=True, requeue=event.requeue)
     if m.state == State.RUNNING:
         return Transition(replace(stopping, state=State.DRAINING),
                           (SignalWorker(signal.SIGTERM), SetTimer("grace", m.grace_s)),
                           f"{event.signal_name}: asking the worker for an emergency checkpoint "
                           f"(grace {m.grace_s:g}s)")
     if m.state in (State.STARTING, State.BACKOFF):
-        return Transition(replace(stopping, state=State.STOPPED), (Finish(protocol.EXIT_OK),),
+        return Transition(replace(stopping, state=State.STOPPED), _finish(stopping, protocol.EXIT_OK),
                           f"{event.signal_name} while no worker runs: stopping")
     return Transition(stopping, (), f"{event.signal_name} while {m.state.value}: will stop once the worker is gone")
 
 
 def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy) -> Transition:
     how = f"exit code {event.code}" if event.code is not None else f"signal {_signal_name(event.signal)}"
+    if event.code == protocol.EXIT_ROLLBACK:
+        return _on_anomaly(m, event, now, policy)
     if m.stopping:
         saved = event.code == protocol.EXIT_SAVED_RESUME_ME or event.emergency_saved
         if not saved and event.code == protocol.EXIT_IO:
-            return Transition(replace(m, state=State.STOPPED), (KillGroup(), Finish(protocol.EXIT_IO)),
+            return Transition(replace(m, state=State.STOPPED), (KillGroup(), *_finish(m, protocol.EXIT_IO)),
                               f"worker exited ({how}) after the stop request: its emergency checkpoint could not "
                               "be committed (a full disk?): the last one stands")
         note = "emergency checkpoint committed" if saved else "no emergency checkpoint: the last one stands"
-        return Transition(replace(m, state=State.STOPPED), (KillGroup(), Finish(protocol.EXIT_OK)),
+        return Transition(replace(m, state=State.STOPPED), (KillGroup(), *_finish(m, protocol.EXIT_OK)),
                           f"worker exited ({how}) after the stop request: {note}")
     if event.code == protocol.EXIT_OK:
         return Transition(replace(m, state=State.SUCCEEDED), (KillGroup(), Finish(protocol.EXIT_OK)),
@@ -239,6 +257,31 @@ def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy)
                           "worker reported a configuration error (exit code 78): not retrying")
     cause = _cause(m, event)
     return _on_failure(m, cause, event.suspect_step, f"worker died ({how}, {cause})", now, policy)
+
+
+def _finish(m: Machine, code: int) -> tuple[Action, ...]:
+    return (Finish(code), Requeue()) if m.requeue else (Finish(code),)
+
+
+def _on_anomaly(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy) -> Transition:
+    """Exit 76: the worker's loss went bad at `anomaly_step`. Its checkpoints from there on are set
+    aside; the next start resumes from before it, at once, without spending the crash budget."""
+    step = event.anomaly_step if event.anomaly_step is not None else max((event.last_step or 1) - 1, 0)
+    what = f"the loss went bad at step {step} (exit code 76)"
+    actions: tuple[Action, ...] = (KillGroup(), RollBack(step))
+    if m.stopping:
+        return Transition(replace(m, state=State.STOPPED), actions + _finish(m, protocol.EXIT_OK),
+                          f"{what} after the stop request: no emergency checkpoint of a bad state; "
+                          "the checkpoints before it stand")
+    failures = m.failures + (Failure(now, "rollback", None),)
+    count = max(event.anomalies, sum(f.cause == "rollback" for f in failures))
+    if count > policy.max_rollbacks:
+        return Transition(replace(m, state=State.FAILED, failures=failures),
+                          actions + (Finish(protocol.EXIT_ROLLBACK),),
+                          f"{what}; giving up: the loss went bad {count} times (rollback.max = {policy.max_rollbacks})")
+    return Transition(replace(m, state=State.BACKOFF, failures=failures, kill_cause=None),
+                      actions + (SetTimer("backoff", 0.0),),
+                      f"{what}: rolling back to before step {step} (rollback {count} of {policy.max_rollbacks})")
 
 
 def _on_failure(m: Machine, cause: str, suspect_step: Optional[int], what: str, now: float,

@@ -117,6 +117,7 @@ class Startup:
             return
         changed = config.values != self.config.values or not self.policy_known
         self.config, self.policy_known = config, True
+        d.policy = config.restart_policy()  # the script's [rollback] max counts here too
         if not changed:
             return
         d.chooser.monitor = config.monitor
@@ -138,12 +139,15 @@ class Startup:
         if d.attempt == 0 and d.settings["resume"] == "none":
             return None
         choice = "latest" if d.settings["resume"] == "none" else self.config["resume"]  # a restart continues
+        before, d.decisions.rollback_before = d.decisions.rollback_before, None
+        if before is not None:
+            choice = "latest"  # a rollback resumes from the newest checkpoint before the bad loss
         give_up_at = time.monotonic() + self.config["mirror_wait"]
         delay = 1.0
         while True:
             try:
                 with d.notifier.busy("choosing and verifying the checkpoint to resume from"):
-                    return d.chooser.choose(choice, exclude=d.set_aside)
+                    return d.chooser.choose(choice, exclude=d.set_aside, before=before)
             except MirrorUnreachable as exc:
                 if time.monotonic() + delay > give_up_at:
                     raise MirrorUnreachable(f"{exc}; gave up after waiting {self.config['mirror_wait']:g}s "

@@ -18,11 +18,12 @@ from typing import Any, Mapping, Optional
 from savegame import protocol
 from savegame.config import RunConfig
 from savegame.daemon import machine as m
+from savegame.daemon.decisions import Decisions
 from savegame.daemon.events import EventInbox, next_heartbeat, number
 from savegame.daemon.housekeeping import Housekeeping
 from savegame.daemon.mirror import Mirror
 from savegame.daemon.output import WorkerOutput, binary_stream
-from savegame.daemon.preemption import PreemptionWatcher, notice_source
+from savegame.daemon.preemption import Notice, PreemptionWatcher, notice_source
 from savegame.daemon.process import SpawnError, WorkerProcess, become_subreaper, reap_children, worker_env
 from savegame.daemon.resume import ResumeChooser, ResumePoint
 from savegame.daemon.rundir import RunLock, open_mirror, open_run_folder, run_id_of
@@ -63,9 +64,10 @@ class Supervisor:
         self.startup = Startup(self)
         self.house = Housekeeping(self)
         self.watcher = FolderWatcher(self.run_dir, self._folder_changed)
-        self.preemption = (PreemptionWatcher(notice_source(settings["preemption"]), settings["preemption_interval"],
-                                             self._on_preemption_notice) if settings["preemption"] else None)
-        self.notices: collections.deque[str] = collections.deque()
+        self.preemption = (PreemptionWatcher(notice_source(settings["preemption"], settings["preemption_endpoint"]),
+                                             settings["preemption_interval"], self._on_preemption_notice)
+                           if settings["preemption"] else None)
+        self.notices: collections.deque[Notice] = collections.deque()
         self.worker: Optional[WorkerProcess] = None
         self.resume_point: Optional[ResumePoint] = None
         self.attempt = 0
@@ -87,6 +89,7 @@ class Supervisor:
         self._emergency_step: Optional[int] = None
         self._exit_reported = False
         self.progress: Optional[protocol.ProgressCell] = None
+        self.decisions = Decisions(self)
         self.house.write_status("starting")
 
     @property
@@ -192,20 +195,23 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signum in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGCHLD):
+        for signum in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGCHLD, *self.decisions.signals()):
             signal.signal(signum, lambda num, frame: self.signals.append(num))
 
-    def _on_preemption_notice(self, what: str) -> None:
-        """Called from the watcher thread: the VM is about to be taken away."""
-        self.notices.append(what)
+    def _on_preemption_notice(self, notice: Notice) -> None:
+        """Called from the watcher thread: the VM is about to be taken away, or may be."""
+        self.notices.append(notice)
         self.wake()
 
     def _take_signals(self) -> None:
         while self.notices:
-            self.events.append(m.StopRequested(self.notices.popleft()))
+            self.events.append(self.decisions.on_notice(self.notices.popleft()))
         while self.signals:
             signum = self.signals.popleft()
-            if signum in STOP_SIGNALS:
+            preemption = self.decisions.on_signal(signum)
+            if preemption is not None:
+                self.events.append(preemption)
+            elif signum in STOP_SIGNALS:
                 self.events.append(m.StopRequested(STOP_SIGNALS[signal.Signals(signum)]))
             elif signum == signal.SIGUSR1:
                 self.events.append(m.CheckpointRequested())
@@ -230,6 +236,8 @@ class Supervisor:
                 self._note_commit(event)
             elif kind == "saving":
                 self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
+            elif kind == "interval" and isinstance(event.get("why"), str):
+                log.info("the worker saves every %.1fs now: %s", number(event, "seconds") or 0.0, event["why"][:500])
             elif kind == "bad-checkpoint":
                 log.error("the worker could not load step %s: %s", event.get("step"), str(event.get("problem"))[:500])
 
@@ -267,8 +275,8 @@ class Supervisor:
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
         code, signum = status
         step = self.progress.read() if self.progress else None
-        self.events.append(m.WorkerExited(code, signum, step, self.loaded_step,
-                                          emergency_saved=self.emergency_saved))
+        self.events.append(m.WorkerExited(code, signum, step, self.loaded_step, emergency_saved=self.emergency_saved,
+                                          **self.decisions.worker_exited(code, step)))
         self.house.collect_garbage()  # a dead worker's half-written checkpoint
         self.timers.pop("grace", None)
         self.timers.pop("dump", None)
@@ -294,6 +302,7 @@ class Supervisor:
     def _apply(self, event: m.Event) -> None:
         t = m.transition(self.machine, event, time.monotonic(), self.policy)
         before, was_stopping = self.machine.state, self.machine.stopping
+        self.decisions.transitioned(event, self.machine, t.machine)
         self.machine = t.machine
         if t.machine.state != before:
             level = logging.ERROR if t.machine.state == m.State.FAILED else logging.INFO
@@ -324,8 +333,12 @@ class Supervisor:
             else:
                 log.error("setting step %d aside for this run: the worker kept dying right after loading it "
                           "(it stays on disk, verified; a later start may use it again)", step)
+        elif isinstance(action, m.RollBack):
+            self.decisions.roll_back(action.before_step)
         elif isinstance(action, m.Finish):
             self._finish(action.exit_code)
+        elif isinstance(action, m.Requeue) and self.exit_code is not None:
+            self.exit_code = self.decisions.requeue(self.exit_code)
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -359,6 +372,7 @@ class Supervisor:
                          self.run_id, self.attempt, self.inbox.address, self.startup.settings_path, progress_path)
         if self._stop_pending():
             return  # a stop arrived while preparing: the StopRequested event ends the run
+        env = self.decisions.worker_env(env)
         try:
             self.worker = WorkerProcess(self.config["command"], env, keep_fds=(self.lock.fd,),
                                         stdout=self.output.fds[0], stderr=self.output.fds[1])
@@ -378,6 +392,7 @@ class Supervisor:
     def _finish(self, code: int) -> None:
         if self.mirror and self.startup.mirror_started:
             code = self._flush_mirror(code)
+        self.decisions.approve()
         self.exit_code = code
 
     def _flush_mirror(self, code: int) -> int:

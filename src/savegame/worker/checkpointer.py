@@ -21,7 +21,7 @@ import math
 import os
 import time
 import uuid
-from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional
+from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional, Union
 
 from savegame import protocol
 from savegame.config import explicit_for_worker
@@ -29,13 +29,16 @@ from savegame.errors import ConfigError, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
+from savegame.worker.cadence import AutoCadence
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
 from savegame.worker.exits import exit_config, exit_io, say, say_now
+from savegame.worker.guard import LossGuard
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.narrate import Narrator
 from savegame.worker.progress import Progress, rng_state, set_rng_state
 from savegame.worker.registry import make_adapter
+from savegame.worker.rollback import batches_to_skip, roll_back
 from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources, stored_policy
 from savegame.worker.signals import StopRequests
 from savegame.worker.writer import BackgroundWriter, SaveJob
@@ -48,12 +51,13 @@ __all__ = ["Checkpointer", "HEARTBEAT_INTERVAL_S"]
 class Checkpointer:
     def __init__(self, dir: Optional[str] = None, *, monitor: Optional[str] = None, mode: str = "auto",
                  regime: Optional[str] = None, every_steps: Optional[int] = None,
-                 every_epochs: Optional[int] = None, every_seconds: Optional[float] = None,
+                 every_epochs: Optional[int] = None, every_seconds: Optional[Union[float, str]] = None,
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
                  handle_signals: bool = True, initial_best: Optional[float] = None,
                  steps_per_epoch: Optional[int] = None, verbose: int = 1,
-                 defaults: Optional[Mapping[str, Any]] = None) -> None:
+                 defaults: Optional[Mapping[str, Any]] = None,
+                 rollback: Optional[Mapping[str, Any]] = None) -> None:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
         try:
@@ -74,6 +78,9 @@ class Checkpointer:
         self._framework = framework
         self._adapter: Optional[Adapter] = None
         self._schedule = self.config.schedule()
+        self._guard = LossGuard(self.config.rollback_rule(), batches_to_skip(self.dir))
+        self._cadence = (AutoCadence(self.config["save"]["mtbf_prior"], self._interval_changed)
+                         if self.config.auto_interval else None)
         self._initial_best = initial_best  # a best to beat before anything counts as "best" (Keras' initial_value_threshold)
         self._history = History(last_time=time.monotonic(), best=initial_best)
         self._requests = StopRequests()
@@ -152,6 +159,9 @@ class Checkpointer:
         self.progress = Progress.from_json(core["progress"])
         self.state = decode(core.get("user", {"__dict__": {}}), _no_tensors)
         best = core.get("history", {}).get("best")
+        self._guard.load(core.get("history", {}).get("losses"))
+        if self._cadence is not None:
+            self._cadence.load(core.get("history", {}).get("save_cost"))
         monitor = self.config.monitor
         if self._initial_best is not None and monitor and is_better(self._initial_best, best, monitor[1]):
             best = self._initial_best
@@ -175,6 +185,8 @@ class Checkpointer:
             self._link.hello(handles)
         else:
             self._store_policy()
+        if self._cadence is not None:
+            self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
 
     def _store_policy(self) -> None:
         """On its own, the run's policy goes with its checkpoints, for `ls`, `prune`, `restore --best`
@@ -212,6 +224,8 @@ class Checkpointer:
         for _ in range(skip - skipped):
             next(iterator)  # a loader we cannot fast-forward: consume the batches already trained
         for batch in iterator:
+            if self.skip_batch():
+                continue
             yield batch
             self.step()
 
@@ -236,6 +250,7 @@ class Checkpointer:
 
     def _boundary(self, moment: Moment) -> None:
         self._link.boundary(moment.step)
+        self._check_loss()
         if self._link.gone and not self._requests.stop:  # killed (-9): nobody would stop or restart this worker
             log.error("the daemon is gone (nobody reads %s): saving an emergency checkpoint and exiting 75; "
                       "`savegame run` resumes from it", self._link.address)
@@ -281,6 +296,21 @@ class Checkpointer:
         """
         return self._link.keepalive(activity)
 
+    def report(self, loss: Any) -> None:
+        """The training loss of the batch being trained (call it before step()). With `[rollback]` on,
+        a NaN/inf loss or a spike rolls the run back at the next boundary, before anything is saved."""
+        self._guard.report(loss, self.progress.step, self.progress.epoch, self.progress.batch_in_epoch)
+
+    def skip_batch(self) -> bool:
+        """For loops that fetch their own data: True when the batch at this position produced an
+        anomaly earlier and is to be stepped over (then it counts as consumed, not as a step)."""
+        if not self._guard.skips(self.progress.epoch, self.progress.batch_in_epoch):
+            return False
+        log.warning("skipping batch %d of epoch %d: it made the loss go bad before", self.progress.batch_in_epoch,
+                    self.progress.epoch)
+        self.progress.batch_in_epoch += 1
+        return True
+
     @property
     def best(self) -> Optional[float]:
         """The best value of the monitored metric so far (survives resumes)."""
@@ -300,6 +330,7 @@ class Checkpointer:
 
     def save(self, reason: str = "manual", wait: bool = False) -> None:
         """Save now (at a step boundary). `wait=True` returns only once it is committed."""
+        self._check_loss()
         self._save(reason, self.metrics if self.progress.batch_in_epoch == 0 else {})
         if wait:
             self._writer.wait()
@@ -321,16 +352,33 @@ class Checkpointer:
                     f"on without a way back: {self._commits.error}")
         self._deferred = None  # whatever was put off is in this save
         capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
+        started = time.monotonic()
         capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
                                     self.framework, self.run_id, self.resumed_from))
         if capture.fill is not None:
             capture.fill()  # the copy, while the writer already writes what is copied
+        if self._cadence is not None and not in_place:  # emergency and final saves wait for the disk on purpose
+            self._reschedule(self._cadence.measured(time.monotonic() - started, self._writer.last_persist_s))
+
+    def _check_loss(self) -> None:
+        """A bad loss was reported: roll back before this state can be saved (exits 76)."""
+        if self._guard.pending is not None:
+            roll_back(self, self._guard.pending)
+
+    def _reschedule(self, seconds: Optional[float]) -> None:
+        if seconds is not None:
+            self._schedule = self.config.schedule(auto_seconds=seconds)
+
+    def _interval_changed(self, interval: Any) -> None:
+        log.info("save interval: %.1fs: %s", interval.seconds, interval.why)
+        self._link.send("interval", seconds=interval.seconds, why=interval.why)
 
     def _core_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "progress": self.progress.to_json(), "rng": rng_state(),
                 "user": Encoder(lambda _: False).encode(self.state, "user"),
-                "history": {"best": self._history.best}}
+                "history": {"best": self._history.best, "losses": self._guard.state(),
+                            "save_cost": self._cadence.state() if self._cadence else None}}
 
     def _committed(self, info: CheckpointInfo) -> None:
         if not self.supervised:  # the daemon applies retention to what it supervises
@@ -354,6 +402,7 @@ class Checkpointer:
     def finish(self) -> None:
         """End of training: commit the final state, wait for it, tell the daemon. A final state that
         cannot be committed (a full disk) ends the process with exit 74, not a silent success."""
+        self._check_loss()
         self._commit_now("final", self.metrics)
         self._report("finished")
         self.close()

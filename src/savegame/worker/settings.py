@@ -41,7 +41,8 @@ def load_config(args: Mapping[str, Any], stored: Optional[Layer] = None,
     if defaults:
         layers.append(Layer("the script's defaults", dict(defaults), default=True))
     layers.append(Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
-                                              **({"keep": keep} if keep else {})}))
+                                              **({"keep": keep} if keep else {}),
+                                              **({"rollback": dict(args["rollback"])} if args.get("rollback") else {})}))
     config_path = os.environ.get(protocol.ENV_CONFIG)
     if config_path:
         try:
