@@ -66,3 +66,23 @@ def test_a_stored_keep_last_survives_a_start_without_the_flag(tmp_path):
     assert second.returncode == 0, second.stderr
     stored = json.loads((run / ".savegame" / "policy.json").read_text())
     assert stored["keep"]["last"] == 2, f"the stored policy was overwritten: {stored['keep']}"
+
+
+def test_a_fresh_vm_resumed_from_best_gets_its_own_checkpoints_into_the_bucket(tmp_path, s3_server):
+    """VM1 ran to step 60. VM2 (empty disk, same bucket, --resume best) resumes from step 20 and trains
+    to 60 again. The bucket already has *a* checkpoint at 30..60 (VM1's), so awaiting_upload() counts
+    them as held: VM2's never go up, nothing is logged, the flush says "the mirror holds every
+    checkpoint it should" and the daemon exits 0. The next VM resumes VM1's step 60."""
+    url = f"s3://{s3_server.make_bucket()}/run"
+    vm1 = Daemon(tmp_path / "vm1", counter("--steps", 60, *WORKER), ["--mirror", url], env=s3_server.env).start()
+    assert vm1.wait() == 0, vm1.stderr
+    vm2 = Daemon(tmp_path / "vm2", counter("--steps", 60, *WORKER), ["--mirror", url, "--resume", "best"],
+                 env=s3_server.env).start()
+    code = vm2.wait()
+    assert "resuming from step 20" in vm2.stderr
+    local = {c["step"]: c["created"] for c in json.loads(savegame("ls", str(tmp_path / "vm2"), "--json").stdout)}
+    bucket = {c["step"]: c["created"]
+              for c in json.loads(savegame("ls", url, "--json", env=s3_server.env).stdout)}
+    assert bucket.get(60) == local[60] or code != 0, (
+        "exit 0 and 'the mirror holds every checkpoint it should', but the bucket's step 60 is VM1's, "
+        f"not this run's final checkpoint (bucket {bucket.get(60)}, local {local[60]})")
