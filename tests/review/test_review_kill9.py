@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 def test_a_new_daemon_after_kill_9_is_not_refused_while_the_old_one_is_a_zombie(tmp_path):
     run = tmp_path / "run"
     cmd = [SAVEGAME, "run", "--dir", str(run), "--", sys.executable,
-           *counter("--steps", 100000, "--every", 500, "--sleep", 0.01)]
+           *counter("--steps", 100000, "--every", 100000, "--sleep", 0.01, "--size-mb", 300)]
     old = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     new = None
     try:
