@@ -114,6 +114,8 @@ def test_deaths_right_after_loading_fall_back_once_then_give_up():
     m.WorkerExited(1, None, None, loaded_step=None),  # died before loading: a missing dataset, an import error
     m.WorkerExited(1, None, 57, loaded_step=42),  # died after making progress: not about the checkpoint
     m.WorkerExited(None, signal.SIGKILL, 57, loaded_step=42),
+    m.WorkerExited(None, signal.SIGKILL, None, loaded_step=42),  # the OOM killer right after loading
+    m.WorkerExited(74, None, None, loaded_step=42),  # its saves failed (a full disk)
 ])
 def test_failures_not_about_the_checkpoint_never_fall_back(exit_event):
     events = [m.Spawned(1)]
@@ -231,3 +233,23 @@ def test_an_anomaly_during_a_stop_sets_its_checkpoints_aside_and_stops():
                                                                                    anomalies=1)])
     assert machine.state == m.State.STOPPED and m.RollBack(30) in trace[-1][1] and trace[-1][1][-1] == m.Finish(0)
     assert "the loss went bad" in trace[-1][2]
+
+
+def test_a_hang_right_after_loading_is_not_the_checkpoints_fault():
+    """A long evaluation after loading, longer than --hang-timeout: a hang, never a suspect checkpoint."""
+    events = [m.Spawned(1)]
+    for _ in range(4):
+        events += [m.HangDetected(5.0), m.DumpWaitOver(), m.WorkerExited(None, signal.SIGKILL, None, loaded_step=42),
+                   m.BackoffOver(), m.Spawned(2)]
+    roomy = RestartPolicy(max_restarts=10, window_s=100, same_step_limit=3)
+    machine, trace = run(events, m.Machine(), step=0.0, policy=roomy)
+    assert machine.failures[-1].cause == "hang"
+    assert not any(isinstance(a, m.SetAsideResume) for _, actions, _ in trace for a in actions)
+
+
+def test_a_stop_before_training_started_loses_nothing():
+    machine, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"),
+                          m.WorkerExited(None, signal.SIGTERM, None, trained=False)])
+    assert trace[-1][1][-1] == m.Finish(0) and "nothing to save" in trace[-1][2]
+    machine, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"), m.WorkerExited(None, signal.SIGKILL, 9)])
+    assert trace[-1][1][-1] == m.Finish(74) and "later work is lost" in trace[-1][2]

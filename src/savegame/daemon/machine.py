@@ -58,6 +58,7 @@ class WorkerExited:
     last_step: Optional[int]  # the step it had reached (exact: the worker writes it at every boundary)
     loaded_step: Optional[int] = None  # the checkpoint it said it had loaded, if any
     emergency_saved: bool = False  # it reported an emergency commit (a wrapper may lose exit code 75)
+    trained: bool = True  # it had announced itself (started training): a stop without its checkpoint loses work
     anomaly_step: Optional[int] = None  # exit 76: checkpoints at or after this step hold a bad state
     anomalies: int = 0  # exit 76: how many times the run's loss went bad so far, this one included
 
@@ -236,19 +237,29 @@ def _on_stop(m: Machine, event: StopRequested) -> Transition:
     return Transition(stopping, (), f"{event.signal_name} while {m.state.value}: will stop once the worker is gone")
 
 
+def _on_stopped(m: Machine, event: WorkerExited, how: str) -> Transition:
+    """The end of a stop: exit 0 only when nothing was lost (the emergency checkpoint was committed,
+    or the worker had not started training); 74 when work since the last checkpoint is gone."""
+    saved = event.code == protocol.EXIT_SAVED_RESUME_ME or event.emergency_saved
+    if saved:
+        note, code = "emergency checkpoint committed", protocol.EXIT_OK
+    elif not event.trained:
+        note, code = "it had not started training: nothing to save", protocol.EXIT_OK
+    elif event.code == protocol.EXIT_IO:
+        note, code = "its emergency checkpoint could not be committed (a full disk?): the last one stands", \
+            protocol.EXIT_IO
+    else:
+        note, code = "no emergency checkpoint: the last one stands, later work is lost", protocol.EXIT_IO
+    return Transition(replace(m, state=State.STOPPED), (KillGroup(), *_finish(m, code)),
+                      f"worker exited ({how}) after the stop request: {note}")
+
+
 def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy) -> Transition:
     how = f"exit code {event.code}" if event.code is not None else f"signal {_signal_name(event.signal)}"
     if event.code == protocol.EXIT_ROLLBACK:
         return _on_anomaly(m, event, now, policy)
     if m.stopping:
-        saved = event.code == protocol.EXIT_SAVED_RESUME_ME or event.emergency_saved
-        if not saved and event.code == protocol.EXIT_IO:
-            return Transition(replace(m, state=State.STOPPED), (KillGroup(), *_finish(m, protocol.EXIT_IO)),
-                              f"worker exited ({how}) after the stop request: its emergency checkpoint could not "
-                              "be committed (a full disk?): the last one stands")
-        note = "emergency checkpoint committed" if saved else "no emergency checkpoint: the last one stands"
-        return Transition(replace(m, state=State.STOPPED), (KillGroup(), *_finish(m, protocol.EXIT_OK)),
-                          f"worker exited ({how}) after the stop request: {note}")
+        return _on_stopped(m, event, how)
     if event.code == protocol.EXIT_OK:
         return Transition(replace(m, state=State.SUCCEEDED), (KillGroup(), Finish(protocol.EXIT_OK)),
                           "worker finished (exit code 0)")
@@ -256,7 +267,10 @@ def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy)
         return Transition(replace(m, state=State.FAILED), (KillGroup(), Finish(protocol.EXIT_CONFIG)),
                           "worker reported a configuration error (exit code 78): not retrying")
     cause = _cause(m, event)
-    return _on_failure(m, cause, event.suspect_step, f"worker died ({how}, {cause})", now, policy)
+    # Only a crash can be the checkpoint's fault: a hang (a long evaluation), a SIGKILL (the OOM
+    # killer, an operator) or a failed save (a full disk) right after loading say nothing about it.
+    suspect = event.suspect_step if cause == "crash" else None
+    return _on_failure(m, cause, suspect, f"worker died ({how}, {cause})", now, policy)
 
 
 def _finish(m: Machine, code: int) -> tuple[Action, ...]:

@@ -37,6 +37,7 @@ class Startup:
         self.settings_path = ""
         self.mirror_started = False
         self._remote_wait_s = LIST_TIMEOUT_S  # shorter once local checkpoints could serve the resume
+        self._stored_layer: Optional[Layer] = None  # the run's policy as found in storage at start
 
     # -- before the first worker ------------------------------------------------------------------
 
@@ -81,7 +82,8 @@ class Startup:
         if layer is None:
             log.info("the run's policy is not stored yet: no retention until the worker reports its settings")
             return
-        self._settle([layer], "the run's stored policy")
+        self._stored_layer = layer
+        self._settle([], "the run's stored policy")
 
     def _refuse_to_mix_runs(self) -> None:
         """--resume none over an earlier run's checkpoints would put two runs in one folder."""
@@ -109,9 +111,12 @@ class Startup:
         self._settle([Layer("the worker's Checkpointer settings", policy)], "the worker's settings")
 
     def _settle(self, lower: list[Layer], source: str) -> None:
+        """The effective settings: the run's stored policy (lowest: what it does not say again stays as
+        stored), then `lower` (the worker's own settings), then what `savegame run` was given."""
         d = self.daemon
+        stored = [self._stored_layer] if self._stored_layer is not None else []
         try:
-            config = build_config([*lower, Layer("savegame run settings", d.settings.explicit)])
+            config = build_config([*stored, *lower, Layer("savegame run settings", d.settings.explicit)])
         except ConfigError as exc:
             log.warning("ignoring %s: %s", source, exc)
             return

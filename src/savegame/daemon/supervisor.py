@@ -276,7 +276,7 @@ class Supervisor:
         code, signum = status
         step = self.progress.read() if self.progress else None
         self.events.append(m.WorkerExited(code, signum, step, self.loaded_step, emergency_saved=self.emergency_saved,
-                                          **self.decisions.worker_exited(code, step)))
+                                          trained=bool(self.announced), **self.decisions.worker_exited(code, step)))
         self.house.collect_garbage()  # a dead worker's half-written checkpoint
         self.timers.pop("grace", None)
         self.timers.pop("dump", None)
