@@ -45,6 +45,14 @@ def _integer(minimum: int = 0) -> Parser:
     return parse
 
 
+def _int_between(low: int, high: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return value
+    return parse
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
         raise ValueError("must be a finite number >= 0")
@@ -150,12 +158,14 @@ TOP_KEYS: dict[str, Parser] = {
     "backoff_max": _wait, "hang_timeout": duration, "stale_after": duration,
     "mirror_deadline": _wait, "upload_timeout": _wait, "mirror_wait": _wait, "preemption": _preemption,
     "preemption_interval": _at_least(0.5, _wait), "command": _command, "storage": _table,
+    "worker_oom_score_adj": _int_between(-1000, 1000),
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS}
 DEFAULTS: dict[str, Any] = {
     "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
     "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
     "mirror_deadline": 60.0, "upload_timeout": 600.0, "mirror_wait": 300.0, "preemption_interval": 5.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
+    "worker_oom_score_adj": 0,  # the worker does not inherit the daemon's protection (OOMScoreAdjust=-500)
 }
 
 

@@ -361,7 +361,8 @@ class Supervisor:
             return  # a stop arrived while preparing: the StopRequested event ends the run
         try:
             self.worker = WorkerProcess(self.config["command"], env, keep_fds=(self.lock.fd,),
-                                        stdout=self.output.fds[0], stderr=self.output.fds[1])
+                                        stdout=self.output.fds[0], stderr=self.output.fds[1],
+                                        oom_score_adj=self.config["worker_oom_score_adj"])
         except SpawnError as exc:
             self.events.append(m.SpawnFailed(str(exc.strerror), config_error=False))
             return
