@@ -9,20 +9,44 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any, Optional, Sequence
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, read_toml
 from savegame.errors import ConfigError, SavegameError, StorageError
+from savegame.journal import JournalFormatter, journal_stream, prefixed
 
 log = logging.getLogger("savegame")
+
+
+def _to_journal() -> bool:
+    try:
+        return journal_stream(os.environ, sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # no stderr, or not a real file
+        return False
+
+
+def _error_line(message: str) -> None:
+    """An error said outside logging (usage, configuration): priority 3 in the journal too."""
+    print(prefixed(message, 3) if _to_journal() else message, file=sys.stderr)
+
+
+def _set_up_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # journald stamps the time itself and files each line under the priority it starts with
+    handler.setFormatter(JournalFormatter() if _to_journal()
+                         else logging.Formatter("%(asctime)s savegame %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(f"savegame: error: {message}", file=sys.stderr)
+        _error_line(f"savegame: error: {message}")
         raise SystemExit(protocol.EXIT_USAGE)
 
 
@@ -210,12 +234,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if not config["command"]:
-        print("savegame: error: no command to run: savegame run [options] -- python train.py ...", file=sys.stderr)
+        _error_line("savegame: error: no command to run: savegame run [options] -- python train.py ...")
         return protocol.EXIT_USAGE
     try:
         return run_supervised(config)
     except StorageError as exc:  # the run folder's disk is full, the mirror cannot be read: retry later
-        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc.strerror or exc}")
         return protocol.EXIT_IO
 
 
@@ -240,20 +264,17 @@ COMMANDS = {"run": cmd_run, "ls": cmd_ls, "verify": cmd_verify, "prune": cmd_pru
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s savegame %(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "watchdog"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _set_up_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"savegame: configuration error: {exc}", file=sys.stderr)
+        _error_line(f"savegame: configuration error: {exc}")
         return protocol.EXIT_CONFIG
     except StorageError as exc:
-        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc.strerror or exc}")
         return protocol.EXIT_FAILED
     except SavegameError as exc:
-        print(f"savegame: {exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc}")
         return protocol.EXIT_FAILED
     except KeyboardInterrupt:
         return 130
