@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", choices=("latest", "best", "none"))
     run.add_argument("--grace", type=float, metavar="SECONDS", help="time the worker gets to save on stop (25)")
     run.add_argument("--max-restarts", type=int, metavar="N", help="failures allowed per restart window (5)")
-    run.add_argument("--hang-timeout", type=float, metavar="SECONDS", help="restart a worker without progress (off)")
+    run.add_argument("--hang-timeout", metavar="SECONDS|auto",
+                     help="restart a worker silent this long (auto: max(hang_floor, 20 x its slowest step)); 0: off")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     ls = sub.add_parser("ls", help="list committed checkpoints")
