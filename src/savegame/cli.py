@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what the daemon of a run folder is doing")
     status.add_argument("dir", metavar="DIR")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--all", action="store_true",
+                        help="every run folder one level below DIR, one line each; exit 1 if any failed or is stale")
+    status.add_argument("--stale-after", type=_positive_seconds, default=120.0, metavar="SECONDS",
+                        help="with --all: a running daemon whose status is older than this is stale (120)")
     return parser
 
 
@@ -244,10 +248,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         return protocol.EXIT_IO
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    import os
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400 * 366:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
 
+
+def cmd_status_all(args: argparse.Namespace) -> int:
+    from savegame.daemon.overview import format_overview, overview
+
+    rows = overview(args.dir, args.stale_after)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_overview(rows) if rows else f"no runs under {args.dir}")
+    return protocol.EXIT_FAILED if any(row["problem"] for row in rows) else protocol.EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
     from savegame.daemon.status import format_status, read_status, status_path
+
+    if args.all:
+        return cmd_status_all(args)
 
     status = read_status(args.dir)
     if status is None:
