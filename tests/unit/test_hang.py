@@ -49,3 +49,26 @@ def test_never_below_20_times_the_slowest_step_nor_the_floor_and_never_shrinks(c
 ])
 def test_slowest_step_between_two_heartbeats(gap, steps, interval, expected):
     assert slowest_step_at_least(gap, steps, interval) == pytest.approx(expected)
+
+
+def watch_events(floor: float, events: list[tuple[int, float, float]]):
+    """A HangWatch fed heartbeats (step, the worker's clock, the daemon's monotonic receipt time)."""
+    from savegame.daemon.hang import HangWatch
+
+    watch = HangWatch("auto", floor)
+    for step, when, received in events:
+        watch.observe({"event": "heartbeat", "step": step, "time": when}, received)
+    return watch
+
+
+def test_a_slow_step_raises_the_timeout_and_a_keepalive_is_not_a_step():
+    watch = watch_events(1.0, [(0, 1000.0, 5.0), (1, 1000.6, 5.6), (1, 1010.0, 15.0), (2, 1010.1, 15.1)])
+    assert watch.slowest_step_s == pytest.approx(0.6) and watch.timeout_s == pytest.approx(12.0)
+
+
+def test_a_jump_of_the_workers_clock_is_not_a_slow_step():
+    """The worker's wall clock jumps an hour ahead between two heartbeats half a second apart: the
+    daemon's own monotonic clock bounds the gap (else the timeout would grow to 20 hours)."""
+    watch = watch_events(1.0, [(0, 1000.0, 5.0), (1, 4600.5, 5.5)])
+    assert watch.timeout_s < 200.0
+    assert watch_events(1.0, [(0, 1000.0, 5.0), (1, 990.0, 5.5)]).timeout_s == 1.0  # a jump back: nothing learned

@@ -219,7 +219,7 @@ class Supervisor:
     def _take_worker_events(self) -> None:
         for event in self.inbox.drain(self._accept_sender):
             self.last_event_mono = time.monotonic()
-            self.hang.observe(event)
+            self.hang.observe(event, self.last_event_mono)
             kind = event["event"]
             if kind == protocol.EVENT_HELLO:
                 self._on_hello(event)
