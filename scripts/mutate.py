@@ -72,6 +72,17 @@ MUTATIONS = [
     Mutation("sender-not-checked", "daemon/events.py", "            if sender is None or not accept(*sender):",
              "            if sender is None:", ("tests/hostile/test_event_socket.py",
                                                 "tests/integration/test_daemon_guards.py")),
+    Mutation("worker-keeps-daemon-oom-score", "daemon/process.py",
+             "            if oom_score_adj is None or oom_score_adj == own_oom_score_adj():", "            if True:",
+             ("tests/integration/test_oom_priority.py",)),
+    Mutation("hang-timeout-ignores-steps", "strategies/hang.py", "    wanted = max(floor_s, factor * slowest_step_s)",
+             "    wanted = floor_s", ("tests/integration/test_hang_auto.py",)),
+    Mutation("status-all-misses-dead-daemons", "daemon/overview.py",
+             "        if daemon is None or not process_alive(daemon):", "        if daemon is None:",
+             ("tests/integration/test_status_all.py",)),
+    Mutation("manifest-index-unchecked", "storage/manifestindex.py",
+             "        if etag and entry is not None and entry[0] == etag and matches_etag(entry[1], etag):",
+             "        if entry is not None:", ("tests/integration/test_manifest_index.py",)),
 ]
 
 

@@ -17,7 +17,8 @@ COUNTER_WORKER = str(TESTS / "workers" / "counter_worker.py")
 
 def clean_env(extra: Optional[dict] = None) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SAVEGAME_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+           if not k.startswith(("SAVEGAME_", "NOTIFY_SOCKET", "WATCHDOG_"))
+           or k == "SAVEGAME_CACHE_DIR"}  # the suite's private cache folder (conftest: private_cache_dir)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

@@ -9,20 +9,44 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any, Optional, Sequence
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, read_toml
 from savegame.errors import ConfigError, SavegameError, StorageError
+from savegame.journal import JournalFormatter, journal_stream, prefixed
 
 log = logging.getLogger("savegame")
+
+
+def _to_journal() -> bool:
+    try:
+        return journal_stream(os.environ, sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # no stderr, or not a real file
+        return False
+
+
+def _error_line(message: str) -> None:
+    """An error said outside logging (usage, configuration): priority 3 in the journal too."""
+    print(prefixed(message, 3) if _to_journal() else message, file=sys.stderr)
+
+
+def _set_up_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # journald stamps the time itself and files each line under the priority it starts with
+    handler.setFormatter(JournalFormatter() if _to_journal()
+                         else logging.Formatter("%(asctime)s savegame %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(f"savegame: error: {message}", file=sys.stderr)
+        _error_line(f"savegame: error: {message}")
         raise SystemExit(protocol.EXIT_USAGE)
 
 
@@ -48,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", choices=("latest", "best", "none"))
     run.add_argument("--grace", type=float, metavar="SECONDS", help="time the worker gets to save on stop (25)")
     run.add_argument("--max-restarts", type=int, metavar="N", help="failures allowed per restart window (5)")
-    run.add_argument("--hang-timeout", type=float, metavar="SECONDS", help="restart a worker without progress (off)")
+    run.add_argument("--hang-timeout", metavar="SECONDS|auto",
+                     help="restart a worker silent this long (auto: max(hang_floor, 20 x its slowest step)); 0: off")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     ls = sub.add_parser("ls", help="list committed checkpoints")
@@ -94,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what the daemon of a run folder is doing")
     status.add_argument("dir", metavar="DIR")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--all", action="store_true",
+                        help="every run folder one level below DIR, one line each; exit 1 if any failed or is stale")
+    status.add_argument("--stale-after", type=_positive_seconds, default=120.0, metavar="SECONDS",
+                        help="with --all: a running daemon whose status is older than this is stale (120)")
     return parser
 
 
@@ -234,19 +263,41 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if not config["command"]:
-        print("savegame: error: no command to run: savegame run [options] -- python train.py ...", file=sys.stderr)
+        _error_line("savegame: error: no command to run: savegame run [options] -- python train.py ...")
         return protocol.EXIT_USAGE
     try:
         return run_supervised(config)
     except StorageError as exc:  # the run folder's disk is full, the mirror cannot be read: retry later
-        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc.strerror or exc}")
         return protocol.EXIT_IO
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    import os
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400 * 366:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
 
+
+def cmd_status_all(args: argparse.Namespace) -> int:
+    from savegame.daemon.overview import format_overview, overview
+
+    rows = overview(args.dir, args.stale_after)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_overview(rows) if rows else f"no runs under {args.dir}")
+    return protocol.EXIT_FAILED if any(row["problem"] for row in rows) else protocol.EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
     from savegame.daemon.status import format_status, read_status, status_path
+
+    if args.all:
+        return cmd_status_all(args)
 
     status = read_status(args.dir)
     if status is None:
@@ -264,20 +315,17 @@ COMMANDS = {"run": cmd_run, "ls": cmd_ls, "verify": cmd_verify, "prune": cmd_pru
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s savegame %(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "watchdog"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _set_up_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"savegame: configuration error: {exc}", file=sys.stderr)
+        _error_line(f"savegame: configuration error: {exc}")
         return protocol.EXIT_CONFIG
     except StorageError as exc:
-        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc.strerror or exc}")
         return protocol.EXIT_FAILED
     except SavegameError as exc:
-        print(f"savegame: {exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc}")
         return protocol.EXIT_FAILED
     except KeyboardInterrupt:
         return 130

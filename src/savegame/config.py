@@ -48,6 +48,14 @@ def _integer(minimum: int = 0) -> Parser:
     return parse
 
 
+def _int_between(low: int, high: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return value
+    return parse
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
         raise ValueError("must be a finite number >= 0")
@@ -74,6 +82,15 @@ def _wait(value: Any) -> float:
 
 def _human_seconds(seconds: float) -> str:
     return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} seconds"
+
+
+def _hang_timeout(value: Any) -> Any:
+    if value == "auto":
+        return value
+    try:
+        return duration(value)
+    except ValueError as exc:
+        raise ValueError(f'must be "auto" or a duration (0: off); {exc}') from None
 
 
 def _text(value: Any) -> str:
@@ -200,19 +217,22 @@ TOP_KEYS: dict[str, Parser] = {
     "dir": _text, "mirror": _text, "regime": _choice(*REGIMES), "resume": _choice(*RESUME_CHOICES),
     "monitor": _text, "mode": _choice("min", "max", "auto"), "grace": _wait,
     "max_restarts": _integer(), "restart_window": duration, "backoff_initial": _wait,
-    "backoff_max": _wait, "hang_timeout": duration, "stale_after": duration,
+    "backoff_max": _wait, "hang_timeout": _hang_timeout, "hang_floor": duration, "stale_after": duration,
     "mirror_deadline": _wait, "upload_timeout": _wait, "mirror_wait": _wait, "preemption": _preemption,
     "preemption_interval": _at_least(0.5, _wait), "command": _command, "storage": _table,
     "preemption_signal": _preemption_signal, "preemption_endpoint": _endpoint,
+    "worker_oom_score_adj": _int_between(-1000, 1000),
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS,
                                           "rollback": ROLLBACK_KEYS}
 PRESET_SECTIONS = ("save", "keep", "mirror_keep")  # what a regime's preset decides
 DEFAULTS: dict[str, Any] = {
     "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
-    "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
-    "mirror_deadline": 60.0, "upload_timeout": 600.0, "mirror_wait": 300.0, "preemption_interval": 5.0, "save": {"min_delta": 0.0, "mtbf_prior": 86400.0}, "keep": {"every_unit": "step"},
+    "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": "auto", "hang_floor": 1800.0, "stale_after": 3600.0,
+    "mirror_deadline": 60.0, "upload_timeout": 600.0, "mirror_wait": 300.0, "preemption_interval": 5.0,
+    "save": {"min_delta": 0.0, "mtbf_prior": 86400.0}, "keep": {"every_unit": "step"},
     "rollback": {"on": [], "spike_factor": 10.0, "window": 100, "max": 3, "skip_batches": False},
+    "worker_oom_score_adj": 0,  # the worker does not inherit the daemon's protection (OOMScoreAdjust=-500)
 }
 
 

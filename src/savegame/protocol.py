@@ -38,6 +38,9 @@ EXIT_CONFIG = 78  # EX_CONFIG: never retried
 
 MAX_DATAGRAM = 16 * 1024
 EVENT_HELLO = "hello"  # the training process announces itself: pid, handles, rank, world_size
+# The worker sends a heartbeat at the first step boundary at least this long after its last one (and
+# every interval inside a keepalive); the daemon bounds step times with it.
+HEARTBEAT_INTERVAL_S = 0.5
 _PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
 
 

@@ -109,6 +109,7 @@ class Housekeeping:
             "attempt": d.attempt, "run_id": d.run_id, "restarts": dict(d.restarts),
             "resumed_from": d.resume_point.info.step if d.resume_point else None,
             "last_checkpoint": d.last_checkpoint, "heartbeat": d.heartbeat, "mirror": mirror,
+            "hang_timeout_s": d.hang.timeout_s,
             "policy": _policy_summary(d), "policy_known": d.startup.policy_known,
             "protected": {str(step): why for step, why in self.protected.items()},
             "events_dropped": dict(d.inbox.dropped)}

@@ -20,6 +20,7 @@ from savegame.config import RunConfig
 from savegame.daemon import machine as m
 from savegame.daemon.decisions import Decisions
 from savegame.daemon.events import EventInbox, next_heartbeat, number
+from savegame.daemon.hang import HangWatch
 from savegame.daemon.housekeeping import Housekeeping
 from savegame.daemon.mirror import Mirror
 from savegame.daemon.output import WorkerOutput, binary_stream
@@ -63,6 +64,7 @@ class Supervisor:
                        if self.remote else None)
         self.startup = Startup(self)
         self.house = Housekeeping(self)
+        self.hang = HangWatch(settings["hang_timeout"], settings["hang_floor"])
         self.watcher = FolderWatcher(self.run_dir, self._folder_changed)
         self.preemption = (PreemptionWatcher(notice_source(settings["preemption"], settings["preemption_endpoint"]),
                                              settings["preemption_interval"], self._on_preemption_notice)
@@ -150,8 +152,8 @@ class Supervisor:
         deadlines = list(self.timers.values())
         if self.notifier.watchdog_interval_s:
             deadlines.append(self.house.watchdog_at + self.notifier.watchdog_interval_s)
-        if self.config["hang_timeout"] and self.machine.state == m.State.RUNNING:
-            deadlines.append(self.last_event_mono + self.config["hang_timeout"])
+        if self.hang.limit_s and self.machine.state == m.State.RUNNING:
+            deadlines.append(self.last_event_mono + self.hang.limit_s)
         soonest = min(deadlines, default=time.monotonic() + 1.0)
         return max(0.0, min(soonest - time.monotonic(), 1.0))
 
@@ -223,6 +225,7 @@ class Supervisor:
     def _take_worker_events(self) -> None:
         for event in self.inbox.drain(self._accept_sender):
             self.last_event_mono = time.monotonic()
+            self.hang.observe(event, self.last_event_mono)
             kind = event["event"]
             if kind == protocol.EVENT_HELLO:
                 self._on_hello(event)
@@ -291,7 +294,7 @@ class Supervisor:
                                     "backoff": m.BackoffOver()}[name])
 
     def _check_hang(self) -> None:
-        limit = self.config["hang_timeout"]
+        limit = self.hang.limit_s
         silent = time.monotonic() - self.last_event_mono
         if limit and self.machine.state == m.State.RUNNING and silent >= limit:
             self.events.append(m.HangDetected(silent))
@@ -375,7 +378,8 @@ class Supervisor:
         env = self.decisions.worker_env(env)
         try:
             self.worker = WorkerProcess(self.config["command"], env, keep_fds=(self.lock.fd,),
-                                        stdout=self.output.fds[0], stderr=self.output.fds[1])
+                                        stdout=self.output.fds[0], stderr=self.output.fds[1],
+                                        oom_score_adj=self.config["worker_oom_score_adj"])
         except SpawnError as exc:
             self.events.append(m.SpawnFailed(str(exc.strerror), config_error=False))
             return
@@ -385,6 +389,7 @@ class Supervisor:
         self.heartbeat, self.announced, self.loaded_step = {}, {}, None
         self.resume_superseded = self.emergency_saved = False
         self.last_event_mono = time.monotonic()
+        self.hang.new_worker()
         self.events.append(m.Spawned(self.worker.pid))
         if self.attempt == 1:
             self.notifier.ready(f"running: worker pid {self.worker.pid}")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from savegame import protocol
 
-HEARTBEAT_INTERVAL_S = 0.5
+HEARTBEAT_INTERVAL_S = protocol.HEARTBEAT_INTERVAL_S
 
 
 class DaemonLink:
