@@ -207,7 +207,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from savegame.inspect_cmds import open_existing, verify_rows
 
-    rows = verify_rows(open_existing(args.url), args.step)
+    store = open_existing(args.url)
+    rows = verify_rows(store, args.step)
     if args.json:
         _print_json(rows)
     else:
@@ -215,6 +216,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"step {row['step']}: " + ("ok" if row["ok"] else "DAMAGED: " + "; ".join(row["problems"])))
         if not rows:
             print("no checkpoints")
+        unfinished = [p.name for p in store.scan().incomplete] if args.step is None else []
+        if unfinished:  # not checkpoints, not damage: a save or delete in progress, or its leftover
+            print(f"{len(unfinished)} folder(s) without a manifest (unfinished saves or deletes, collected when "
+                  f"stale): {', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''}")
     return 0 if all(r["ok"] for r in rows) else protocol.EXIT_FAILED
 
 
