@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 
 from savegame.config import RunConfig
-from savegame.errors import CheckpointNotFound, ConfigError
+from savegame.errors import CheckpointNotFound, ConfigError, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.storage.manifest import parse_time
 from savegame.strategies import plan_retention, resume_candidates
@@ -54,7 +54,7 @@ def verify_rows(store: CheckpointStore, step: Optional[int] = None) -> list[dict
     progress, or its leftover) is not a checkpoint and not damage: `ls --all` shows it. A checkpoint
     found damaged is looked at again: one deleted meanwhile (retention of a running run) is no damage."""
     scan = store.scan()
-    rows = [{"step": c.step, "path": c.path, "ok": not (problems := store.verify(c)), "problems": problems}
+    rows = [{"step": c.step, "path": c.path, "ok": not (problems := _problems(store, c)), "problems": problems}
             for c in scan.committed if step is None or c.step == step]
     for problem in scan.damaged:
         if step is None or problem.step == step:
@@ -67,6 +67,13 @@ def verify_rows(store: CheckpointStore, step: Optional[int] = None) -> list[dict
     if step is not None and not rows:
         raise CheckpointNotFound(f"{store.url}: no checkpoint at step {step}; `savegame ls {store.url}` lists them")
     return sorted(rows, key=lambda r: r["step"])
+
+
+def _problems(store: CheckpointStore, info: CheckpointInfo) -> list[str]:
+    try:
+        return store.verify(info)
+    except StorageError as exc:  # the folder went away while we looked (retention), or cannot be read
+        return [str(exc.strerror or exc)]
 
 
 def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str], dry_run: bool,

@@ -87,6 +87,7 @@ class Checkpointer:
         self.narrator = Narrator(verbose)
         self._handle_signals = handle_signals
         self._training = False  # signals are taken over at the first training call, not before
+        self._lock_fd: Optional[int] = None  # the run folder's lock, held while training on its own
         if not self.supervised:  # at a terminal: say at once what Ctrl-C does
             self._requests.on_interrupt = lambda: say_now("interrupted: saving a checkpoint at the next step; "
                                                           "press Ctrl-C again to quit at once")
@@ -182,9 +183,21 @@ class Checkpointer:
         self._training = True
         handles = self._requests.install() if self._handle_signals else []
         if self.supervised:
-            self._link.hello(handles)
+            self._link.hello(handles)  # the daemon's lock, inherited, keeps other writers off the folder
         else:
+            self._lock_fd = self._lock_folder()
             self._store_policy()
+
+    def _lock_folder(self) -> Optional[int]:
+        """One writer per run folder: on its own, the script holds the folder's lock while it trains."""
+        if not self.store.is_local:
+            return None
+        from savegame.daemon.rundir import lock_for_standalone_writer
+
+        try:
+            return lock_for_standalone_writer(self.store.location.path)
+        except ConfigError as exc:
+            exit_config(exc)
         if self._cadence is not None:
             self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
 
@@ -421,6 +434,9 @@ class Checkpointer:
         self._writer.close()
         self._requests.restore()
         self._link.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the folder is free for the next writer
+            self._lock_fd = None
 
     def _status(self) -> dict[str, Any]:
         best = self._history.best
