@@ -187,6 +187,8 @@ class Checkpointer:
         else:
             self._lock_fd = self._lock_folder()
             self._store_policy()
+        if self._cadence is not None:
+            self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
 
     def _lock_folder(self) -> Optional[int]:
         """One writer per run folder: on its own, the script holds the folder's lock while it trains."""
@@ -198,8 +200,6 @@ class Checkpointer:
             return lock_for_standalone_writer(self.store.location.path)
         except ConfigError as exc:
             exit_config(exc)
-        if self._cadence is not None:
-            self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
 
     def _store_policy(self) -> None:
         """On its own, the run's policy goes with its checkpoints, for `ls`, `prune`, `restore --best`
