@@ -64,7 +64,11 @@ def test_the_owner_of_the_parent_cannot_redirect_retention_into_another_folder(s
     d = Daemon(evil / "run", counter("--steps", 100000, "--every", 50, "--sleep", 0.01, "--size-mb", 0.01),
                ["--keep-last", "1"]).start()
     try:
-        d.ready(timeout=30)
+        wait_until(lambda: d.proc.poll() is not None or (d.status() or {}).get("worker_ready"), timeout=30)
+        if d.proc.poll() is not None:  # refused at start: the fix
+            assert d.proc.returncode == 78 and "parent" in d.stderr, d.stderr[-800:]
+            assert committed_steps(victim) == [10, 20, 30]
+            return
         swap = as_nobody("sh", "-c", f"mv {evil}/run {evil}/old && ln -s {victim} {evil}/run")
         if swap.returncode:  # the daemon refused the folder: that is the fix
             return
