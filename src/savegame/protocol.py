@@ -41,7 +41,7 @@ EVENT_HELLO = "hello"  # the training process announces itself: pid, handles, ra
 # The worker sends a heartbeat at the first step boundary at least this long after its last one (and
 # every interval inside a keepalive); the daemon bounds step times with it.
 HEARTBEAT_INTERVAL_S = 0.5
-_PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
+_PEER_GONE = (errno.ECONNREFUSED, errno.ENOTCONN)  # the socket is there, nobody is bound to it
 
 
 def socket_address(address: str) -> str | bytes:
@@ -55,6 +55,7 @@ class DatagramSender:
     def __init__(self, address: Optional[str]) -> None:
         self.address = address
         self.peer_gone = False  # the receiver is gone (the daemon died): nobody listens any more
+        self.peer_missing = False  # its socket file is missing: the daemon died, or the file was removed
         self._sock: Optional[socket.socket] = None
         if address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -69,6 +70,8 @@ class DatagramSender:
         except OSError as exc:  # the queue is full (events are best-effort), or nobody listens
             if exc.errno in _PEER_GONE:
                 self.peer_gone = True
+            elif exc.errno == errno.ENOENT:
+                self.peer_missing = True
             return False
 
     def send(self, event: str, **fields: Any) -> bool:

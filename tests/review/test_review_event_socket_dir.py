@@ -57,9 +57,7 @@ def test_the_owner_of_xdg_runtime_dir_cannot_stop_roots_run(tmp_path):
                env={"XDG_RUNTIME_DIR": str(runtime)}).start()  # sudo -E keeps the user's XDG_RUNTIME_DIR
     try:
         d.ready()
-        moved = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c",
-                                f"for f in {runtime}/savegame-*; do mv $f $f.x; done"], capture_output=True)
-        assert moved.returncode == 0 or b"No such file" in moved.stderr
+        assert not list(runtime.glob("savegame-*")), "the daemon put its socket in a folder another user owns"
         _no_restart_loop(d)
     finally:
         d.kill()

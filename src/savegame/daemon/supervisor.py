@@ -38,6 +38,7 @@ log = logging.getLogger("savegame")
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
 HEARTBEAT_EVENTS = ("heartbeat", "started", "resumed", "saving", "stopping", "finished", protocol.EVENT_HELLO)
 KNOWN_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+INBOX_CHECK_S = 5.0
 
 
 def run_supervised(settings: RunConfig) -> int:
@@ -57,7 +58,7 @@ class Supervisor:
         self.machine = m.Machine(grace_s=settings["grace"])
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])
         self.notifier = Notifier()
-        self.inbox = EventInbox()
+        self.inbox = EventInbox(self.run_dir)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"))
         self.mirror = (Mirror(self.local, self.remote, self.wake, settings["stale_after"], settings["upload_timeout"])
@@ -88,6 +89,7 @@ class Supervisor:
         self.set_aside: set[int] = set()  # not to be resumed from again by this daemon
         self.mirror_missing: list[int] = []
         self.reason = ""
+        self._inbox_checked_at = time.monotonic()
         self._emergency_step: Optional[int] = None
         self._exit_reported = False
         self.progress: Optional[protocol.ProgressCell] = None
@@ -102,7 +104,7 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
-        selector = selectors.DefaultSelector()
+        selector = self._selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ)
         selector.register(self.inbox.fileno(), selectors.EVENT_READ)
         try:
@@ -139,6 +141,7 @@ class Supervisor:
         self._perform(m.StartWorker(fallback=False))
 
     def _tick(self) -> None:
+        self._check_inbox()
         self._take_signals()
         self._take_worker_events()
         self._check_worker_exit()
@@ -147,6 +150,17 @@ class Supervisor:
         while self.events and self.exit_code is None:
             self._apply(self.events.popleft())
         self.house.tick()
+
+    def _check_inbox(self) -> None:
+        """Every few seconds: the event socket is still there (a cleaner of old files may remove it)."""
+        now = time.monotonic()
+        if now - self._inbox_checked_at < INBOX_CHECK_S:
+            return
+        self._inbox_checked_at = now
+        if self.inbox.lost():
+            self._selector.unregister(self.inbox.fileno())
+            self.inbox.rebind()
+            self._selector.register(self.inbox.fileno(), selectors.EVENT_READ)
 
     def _timeout(self) -> float:
         deadlines = list(self.timers.values())

@@ -36,8 +36,15 @@ class DaemonLink:
 
     @property
     def gone(self) -> bool:
-        """The daemon stopped listening (it died): nobody will restart or stop this worker."""
-        return self._events.peer_gone
+        """The daemon stopped listening (it died): nobody will restart or stop this worker. A missing
+        socket file alone is not enough (a cleaner may have removed it; the daemon binds it again):
+        then the daemon's own process must be gone too."""
+        if self._events.peer_gone:
+            return True
+        if self._events.peer_missing:
+            self._events.peer_missing = False
+            return not _daemon_alive()
+        return False
 
     def send(self, event: str, **fields: Any) -> None:
         self._events.send(event, **fields)
@@ -105,3 +112,10 @@ def process_rank() -> tuple[int, int]:
         pass
     return 0, 1
 
+
+
+def _daemon_alive() -> bool:
+    from savegame.storage.pids import parse_pid, process_alive
+
+    pid = parse_pid(os.environ.get("SAVEGAME_DAEMON_PID", ""))
+    return pid is None or process_alive(pid)  # without the variable, assume it lives (never a false stop)
