@@ -48,10 +48,11 @@ class Daemon:
     started: list["Daemon"] = []
 
     def __init__(self, run_dir: Path, worker: Sequence[str], options: Sequence[str] = (),
-                 env: Optional[dict] = None) -> None:
+                 env: Optional[dict] = None, logs: Optional[Path] = None) -> None:
         self.run_dir = Path(run_dir)
-        self.out = self.run_dir.parent / f"{self.run_dir.name}.out"
-        self.err = self.run_dir.parent / f"{self.run_dir.name}.err"
+        logs = Path(logs) if logs is not None else self.run_dir.parent  # elsewhere when the run's disk breaks
+        self.out = logs / f"{self.run_dir.name}.out"
+        self.err = logs / f"{self.run_dir.name}.err"
         self.cmd = [SAVEGAME, "run", "--dir", str(self.run_dir), *options, "--", sys.executable, *worker]
         self.env = clean_env(env)
         self.proc: Optional[subprocess.Popen] = None

@@ -111,7 +111,7 @@ def test_a_run_folder_remounted_read_only_mid_run_is_not_an_internal_error(tmp_p
         run = mnt / "run"
         run.mkdir(mode=0o750)
         d = Daemon(run, counter("--steps", 100000, "--every", 20, "--sleep", 0.01, "--size-mb", 0.1),
-                   ["--max-restarts", "2"]).start()
+                   ["--max-restarts", "2"], logs=tmp_path).start()  # the daemon's own log off the broken disk
         d.ready()
         trigger.write_text("1")
         code = d.wait(timeout=120)

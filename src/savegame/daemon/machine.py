@@ -106,6 +106,7 @@ class BackoffOver:
 @dataclass(frozen=True)
 class Aborted:
     reason: str  # the daemon cannot go on (a configuration error found at start-up, a full disk, a bug)
+    exit_code: int = protocol.EXIT_FAILED
 
 
 Event = Union[Spawned, SpawnFailed, WorkerExited, StopRequested, CheckpointRequested, GraceExpired,
@@ -188,8 +189,8 @@ def transition(m: Machine, event: Event, now: float, policy: RestartPolicy) -> T
     """The one place state changes. Unexpected events leave the state as it is."""
     if m.state in TERMINAL:
         return Transition(m, (), f"{type(event).__name__} ignored: already {m.state.value}")
-    if isinstance(event, Aborted):
-        return Transition(replace(m, state=State.FAILED), (KillGroup(),), event.reason)
+    if isinstance(event, Aborted):  # the worker was already asked for its emergency checkpoint
+        return Transition(replace(m, state=State.FAILED), (KillGroup(), Finish(event.exit_code)), event.reason)
     if isinstance(event, StopRequested):
         return _on_stop(m, event)
     if isinstance(event, CheckpointRequested):
@@ -307,8 +308,9 @@ def _on_failure(m: Machine, cause: str, suspect_step: Optional[int], what: str, 
         actions += (QuarantineResume(),)  # damaged: moved aside, the one before it is used
     elif decision.action == "fallback":
         actions += (SetAsideResume(),)  # suspect: not used again here, never deleted or hidden
-    if decision.action == "give-up":
-        return Transition(replace(m, state=State.FAILED, failures=failures), actions + (Finish(protocol.EXIT_FAILED),),
+    if decision.action == "give-up":  # 74 when what ended it is that checkpoints cannot be written
+        code = protocol.EXIT_IO if cause == "save-failed" else protocol.EXIT_FAILED
+        return Transition(replace(m, state=State.FAILED, failures=failures), actions + (Finish(code),),
                           f"{what}; giving up: {decision.reason}")
     fallback = decision.action == "fallback"
     return Transition(replace(m, state=State.BACKOFF, failures=failures, fell_back=m.fell_back or fallback,

@@ -65,6 +65,22 @@ def folder_error(path: str, exc: OSError) -> Exception:
     return ConfigError(f"cannot use the run folder {path}: {exc.strerror or exc}")
 
 
+def run_error(exc: OSError) -> Exception:
+    """What an OSError from the daemon's own files in the run folder means for the user: a full or
+    read-only disk (I/O: exit 74, worth retrying) or something in the way (configuration: exit 78)."""
+    where = exc.filename or "the run folder"
+    if exc.errno in _FULL + (errno.EIO,):
+        return StorageError(exc.errno, f"{where}: {exc.strerror}: free some space (or keep fewer checkpoints), "
+                                       "or check the disk, then start again")
+    if exc.errno == errno.EROFS:
+        return StorageError(exc.errno, f"{where}: the filesystem became read-only (an error on the disk? see "
+                                       "dmesg): fix and remount it, then start again")
+    if exc.errno in _READ_ONLY:
+        return ConfigError(f"{where}: {exc.strerror}; fix the run folder's owner or mode")
+    return ConfigError(f"cannot use {where}: {exc.strerror or exc}; savegame keeps only its own files there: "
+                       "move whatever is in the way, then start again")
+
+
 def open_mirror(config: RunConfig, run_dir: str) -> CheckpointStore:
     """The mirror's store. Its reachability is the start-up's business (with a deadline)."""
     remote = CheckpointStore(config["mirror"], config["storage"])

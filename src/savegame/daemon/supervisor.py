@@ -27,12 +27,12 @@ from savegame.daemon.output import WorkerOutput, binary_stream
 from savegame.daemon.preemption import Notice, PreemptionWatcher, notice_source
 from savegame.daemon.process import SpawnError, WorkerProcess, become_subreaper, reap_children, worker_env
 from savegame.daemon.resume import ResumeChooser, ResumePoint
-from savegame.daemon.rundir import RunLock, open_mirror, open_run_folder, run_id_of
+from savegame.daemon.rundir import RunLock, open_mirror, open_run_folder, run_error, run_id_of
 from savegame.daemon.sdnotify import Notifier
 from savegame.daemon.startup import Startup
 from savegame.daemon.status import STATUS_DIR
 from savegame.daemon.watcher import FolderWatcher
-from savegame.errors import ConfigError, StorageError
+from savegame.errors import ConfigError, SavegameError, StorageError
 
 log = logging.getLogger("savegame")
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
@@ -42,7 +42,13 @@ INBOX_CHECK_S = 5.0
 
 
 def run_supervised(settings: RunConfig) -> int:
-    return Supervisor(settings).run()
+    try:
+        supervisor = Supervisor(settings)
+    except SavegameError:
+        raise
+    except OSError as exc:  # the run folder cannot hold the daemon's own files (a full disk, an odd file)
+        raise run_error(exc) from None
+    return supervisor.run()
 
 
 class Supervisor:
@@ -115,14 +121,17 @@ class Supervisor:
                     break
                 selector.select(self._timeout())
                 self._drain_wake_pipe()
-        except (ConfigError, StorageError) as exc:
-            self._apply(m.Aborted(str(exc.strerror if isinstance(exc, StorageError) and exc.strerror else exc)))
+        except OSError as exc:  # a config error, the disk (full, read-only), an odd file in the run folder
+            error = exc if isinstance(exc, SavegameError) else run_error(exc)
+            code = protocol.EXIT_CONFIG if isinstance(error, ConfigError) else protocol.EXIT_IO
+            self._abort(str(error.strerror if isinstance(error, StorageError) and error.strerror else error), code)
+            raise error from None
+        except ConfigError as exc:
+            self._abort(str(exc), protocol.EXIT_CONFIG)
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must still give the worker its emergency checkpoint
             log.exception("internal error: %s", exc)
-            self._emergency_exit()
-            self._apply(m.Aborted(f"internal error: {exc}"))
-            self.exit_code = protocol.EXIT_FAILED
+            self._abort(f"internal error: {exc}", protocol.EXIT_FAILED)
         finally:
             self._shutdown(selector)
         return self.exit_code
@@ -435,6 +444,11 @@ class Supervisor:
         log.error("%s", message)
         self.notifier.status(message)
         return protocol.EXIT_IO if code == protocol.EXIT_OK else code
+
+    def _abort(self, reason: str, code: int) -> None:
+        """The daemon cannot go on: the worker gets its emergency checkpoint, the mirror its flush."""
+        self._emergency_exit()
+        self._apply(m.Aborted(reason, code))
 
     def _emergency_exit(self) -> None:
         """The daemon itself failed: give the worker its emergency checkpoint before going."""

@@ -32,7 +32,7 @@ from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
 from savegame.worker.cadence import AutoCadence
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
-from savegame.worker.exits import exit_config, exit_io, say, say_now
+from savegame.worker.exits import exit_config, exit_io, protect_output, say, say_now
 from savegame.worker.guard import LossGuard
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.narrate import Narrator
@@ -60,6 +60,8 @@ class Checkpointer:
                  rollback: Optional[Mapping[str, Any]] = None) -> None:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
+        if self.supervised:
+            protect_output()  # a full disk under the daemon's output files must not kill training
         try:
             self.dir = choose_dir(dir)
             stored = stored_policy(self.dir, self.supervised)
