@@ -166,8 +166,9 @@ def test_a_transient_spawn_failure_at_a_restart_backs_off_and_retries():
 
 
 def test_aborted_fails_from_any_state():
-    machine, trace = run([m.Spawned(1), m.Aborted("the disk is full")])
-    assert machine.state == m.State.FAILED and kinds(trace[-1][1]) == ["KillGroup"]
+    machine, trace = run([m.Spawned(1), m.Aborted("the disk is full", 74)])
+    assert machine.state == m.State.FAILED and kinds(trace[-1][1]) == ["KillGroup", "Finish"]
+    assert trace[-1][1][-1] == m.Finish(74)  # the mirror is flushed on the way out too
 
 
 def test_checkpoint_request_is_forwarded_only_while_running():
