@@ -156,3 +156,42 @@ def test_a_bare_trainer_train_is_refused(tiny, tmp_path: Path, capsys: pytest.Ca
     err = said(capsys)
     assert len(err) == 1 and "savegame.hf.train(trainer)" in err[0], err
     assert trainer.state.global_step == 0
+
+
+def run_in_process(tiny, folder: Path, stop_at: int = 0, **overrides) -> str | None:
+    """The example in this process; SIGTERM to itself after step `stop_at`. The final hash, or None
+    when it stopped (exit 75)."""
+    from transformers import TrainerCallback
+
+    from savegame.hf import train
+    from savegame.torch import weights_sha256
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            if state.global_step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # the emergency checkpoint comes at the next boundary
+
+    args = tiny.parse_args(["--epochs", "2", "--limit-batches", "15", "--batch-size", "16", "--seed", "3",
+                            "--dir", str(folder)])
+    trainer = tiny.make_trainer(args, gradient_accumulation_steps=2, **overrides)  # 8 steps an epoch, the last short
+    trainer.add_callback(Stop())
+    try:
+        train(trainer)
+    except SystemExit as stopped:
+        assert stopped.code == 75
+        return None
+    return weights_sha256(trainer.model)
+
+
+@pytest.mark.parametrize("evaluation, stop_at", [("steps", 5), ("epoch", 8)], ids=["mid-epoch", "epoch-end"])
+def test_accumulated_steps_resume_exactly(tiny, tmp_path: Path, evaluation: str, stop_at: int) -> None:
+    """Gradient accumulation (the Trainer skips 2 batches a step), evaluation by steps or by epoch,
+    stopped mid-epoch or at the epoch's last step (one boundary: its count and metrics are saved)."""
+    settings = {"eval_strategy": evaluation, "eval_steps": 3}
+    expected = run_in_process(tiny, tmp_path / "ref", **settings)
+    assert run_in_process(tiny, tmp_path / "run", stop_at=stop_at, **settings) is None
+    stopped = CheckpointStore(str(tmp_path / "run")).latest()
+    assert stopped is not None and (stopped.step, stopped.reason) == (stop_at, "emergency")
+    if evaluation == "epoch":
+        assert stopped.epoch == 1 and "eval_accuracy" in stopped.metrics, stopped
+    assert run_in_process(tiny, tmp_path / "run", **settings) == expected

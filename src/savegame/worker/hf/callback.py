@@ -99,6 +99,8 @@ class SavegameCallback(TrainerCallback):
         ckpt.epoch_length = _steps_per_epoch(train_dataloader, args.gradient_accumulation_steps)
         if ckpt.epoch_length:  # the Trainer's own count: global_step // steps per epoch, the rest in this one
             ckpt.progress.epoch, ckpt.progress.batch_in_epoch = divmod(state.global_step, ckpt.epoch_length)
+        if args.eval_strategy == "steps":  # epochs may end between evaluations; the Trainer checks the name itself
+            ckpt.narrator.unneeded("monitor")
         if args.ignore_data_skip and ckpt.progress.batch_in_epoch:
             warn_once("ignore_data_skip", "ignore_data_skip=True: the resumed epoch starts again from its first "
                                           "batch, so this run is not the one an uninterrupted run trains")
@@ -142,9 +144,10 @@ class SavegameCallback(TrainerCallback):
         if ckpt is None or state.global_step <= ckpt.progress.step:
             return
         metrics, self._metrics = self._metrics, {}
-        if self._epoch_done:
+        if self._epoch_done:  # one boundary: a stop here saves the epoch's count and metrics too
             self._epoch_done = False
-            ckpt.step()
+            ckpt.progress.step += 1
+            ckpt.progress.batch_in_epoch += 1
             ckpt.end_epoch(**metrics)
         else:
             ckpt.step(**metrics)
