@@ -5,6 +5,7 @@ which checkpoint retention keeps as the best and `savegame export --best` writes
 ever written; the Trainer's own checkpoints and a bare trainer.train() are refused in one line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -194,4 +195,21 @@ def test_accumulated_steps_resume_exactly(tiny, tmp_path: Path, evaluation: str,
     assert stopped is not None and (stopped.step, stopped.reason) == (stop_at, "emergency")
     if evaluation == "epoch":
         assert stopped.epoch == 1 and "eval_accuracy" in stopped.metrics, stopped
-    assert run_in_process(tiny, tmp_path / "run", **settings) == expected
+    with never_unpickled():
+        assert run_in_process(tiny, tmp_path / "run", **settings) == expected
+
+
+@contextlib.contextmanager
+def never_unpickled():
+    """torch.load and pickle's loaders fail while the resumed run runs: nothing it reads is a pickle."""
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+            patch.setattr(module, name, refuse)
+        yield

@@ -51,9 +51,9 @@ class SavegameCallback(TrainerCallback):
         """Make the Checkpointer and read the checkpoint to resume from (savegame.hf.train calls it
         before Trainer.train). Returns the TrainerState record: `.loaded` is set on a resume."""
         monitor, mode = self._policy(trainer.args)
+        every_epoch = {"save": {"every_steps": 0, "every_epochs": 1}}  # gives way to a chosen regime
         self.checkpointer = Checkpointer(self._dir, monitor=monitor, mode=mode, framework="torch",
-                                         verbose=self._verbose, defaults={"save": {"every_steps": 0, "every_epochs": 1}},
-                                         **self._options)
+                                         verbose=self._verbose, defaults=every_epoch, **self._options)
         record = TrainerStateRecord(trainer)
         tracked: dict[str, Any] = {"model": trainer.model, **self._later, "trainer_state": record}
         scaler = getattr(trainer.accelerator, "scaler", None)
@@ -90,13 +90,17 @@ class SavegameCallback(TrainerCallback):
             self._later["optimizer"].attach(optimizer)
             self._later["scheduler"].attach(lr_scheduler)
         except (RuntimeError, KeyError, ValueError) as exc:
-            exit_config(ConfigError(f"cannot load the optimizer or scheduler saved at step {ckpt.progress.step}: {exc}"))
+            exit_config(ConfigError(f"cannot load the optimizer or scheduler of step {ckpt.progress.step}: {exc}"))
         if state.global_step != ckpt.progress.step:
             exit_config(ConfigError(f"the Trainer resumed at step {state.global_step}, savegame at step "
                                     f"{ckpt.progress.step}: start training with savegame.hf.train(trainer)"))
         ckpt.start_training()
+        self._follow(ckpt, args, state, train_dataloader)
+
+    def _follow(self, ckpt: Checkpointer, args: TrainingArguments, state: TrainerState, loader: Any) -> None:
+        """The Checkpointer counts epochs and steps as the Trainer does."""
         ckpt.uses_epochs = True
-        ckpt.epoch_length = _steps_per_epoch(train_dataloader, args.gradient_accumulation_steps)
+        ckpt.epoch_length = _steps_per_epoch(loader, args.gradient_accumulation_steps)
         if ckpt.epoch_length:  # the Trainer's own count: global_step // steps per epoch, the rest in this one
             ckpt.progress.epoch, ckpt.progress.batch_in_epoch = divmod(state.global_step, ckpt.epoch_length)
         if args.eval_strategy == "steps":  # epochs may end between evaluations; the Trainer checks the name itself
@@ -104,8 +108,8 @@ class SavegameCallback(TrainerCallback):
         if args.ignore_data_skip and ckpt.progress.batch_in_epoch:
             warn_once("ignore_data_skip", "ignore_data_skip=True: the resumed epoch starts again from its first "
                                           "batch, so this run is not the one an uninterrupted run trains")
-        if train_dataloader is not None:
-            shield_loader_workers(train_dataloader)
+        if loader is not None:
+            shield_loader_workers(loader)  # its worker processes survive a SIGTERM sent to the whole group
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:

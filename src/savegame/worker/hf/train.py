@@ -53,9 +53,9 @@ def _check(trainer: Trainer, kwargs: dict[str, Any]) -> None:
     """What savegame cannot do with this Trainer, said before anything runs."""
     args = trainer.args
     if args.save_strategy != "no":
-        raise ConfigError(f"{PICKLES}: set TrainingArguments(save_strategy='no') (it is "
-                          f"{args.save_strategy!s}); savegame saves instead (SavegameCallback(every_steps=N) for a "
-                          "step schedule)")
+        given = getattr(args.save_strategy, "value", args.save_strategy)
+        raise ConfigError(f"{PICKLES}: set TrainingArguments(save_strategy='no') (it is {given!r}); savegame saves "
+                          "instead (SavegameCallback(every_steps=N) for a step schedule)")
     if "resume_from_checkpoint" in kwargs:
         raise ConfigError("savegame chooses the checkpoint to resume from: call savegame.hf.train(trainer) "
                           "without resume_from_checkpoint")
