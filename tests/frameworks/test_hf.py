@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -198,8 +199,10 @@ def test_accumulated_steps_resume_exactly(tiny, tmp_path: Path, evaluation: str,
     assert stopped is not None and (stopped.step, stopped.reason) == (stop_at, "emergency")
     if evaluation == "epoch":
         assert stopped.epoch == 1 and "eval_accuracy" in stopped.metrics, stopped
+    before = set(Path(tempfile.gettempdir()).glob("savegame-hf-*"))
     with never_unpickled():
         assert run_in_process(tiny, tmp_path / "run", **settings) == expected
+    assert set(Path(tempfile.gettempdir()).glob("savegame-hf-*")) == before  # the resume folder is gone
 
 
 @contextlib.contextmanager

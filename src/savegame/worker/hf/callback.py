@@ -38,6 +38,7 @@ class SavegameCallback(TrainerCallback):
                  verbose: int = 1, **options: Any) -> None:
         self._dir, self._monitor, self._mode, self._verbose, self._options = dir, monitor, mode, verbose, options
         self.checkpointer: Optional[Checkpointer] = None
+        self._record: Optional[TrainerStateRecord] = None
         self._later = {"optimizer": Later("optimizer"), "scheduler": Later("scheduler")}
         self._rng_at_resume: Optional[tuple[Any, ...]] = None
         self._metrics: dict[str, float] = {}  # evaluated and logged since the last boundary
@@ -54,7 +55,7 @@ class SavegameCallback(TrainerCallback):
         every_epoch = {"save": {"every_steps": 0, "every_epochs": 1}}  # gives way to a chosen regime
         self.checkpointer = Checkpointer(self._dir, monitor=monitor, mode=mode, framework="torch",
                                          verbose=self._verbose, defaults=every_epoch, **self._options)
-        record = TrainerStateRecord(trainer)
+        record = self._record = TrainerStateRecord(trainer)
         tracked: dict[str, Any] = {"model": trainer.model, **self._later, "trainer_state": record}
         scaler = getattr(trainer.accelerator, "scaler", None)
         if scaler is not None:
@@ -94,6 +95,8 @@ class SavegameCallback(TrainerCallback):
         if state.global_step != ckpt.progress.step:
             exit_config(ConfigError(f"the Trainer resumed at step {state.global_step}, savegame at step "
                                     f"{ckpt.progress.step}: start training with savegame.hf.train(trainer)"))
+        if self._record is not None:
+            self._record.discard_folder()  # the Trainer has read it; from here on it checks only for files there
         ckpt.start_training()
         self._follow(ckpt, args, state, train_dataloader)
 

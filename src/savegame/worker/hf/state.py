@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Optional
 
 from transformers import Trainer, TrainerState
@@ -51,6 +53,7 @@ class TrainerStateRecord:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.loaded: Optional[str] = None  # the text of the checkpoint being resumed from
+        self.folder: Optional[str] = None
 
     def state_dict(self) -> dict[str, Any]:
         state = dataclasses.asdict(self.trainer.state)
@@ -65,11 +68,19 @@ class TrainerStateRecord:
             raise ValueError(f"the saved TrainerState does not fit this transformers version: {exc}") from None
         self.loaded = text
 
-    def write(self, folder: str) -> None:
-        """The loaded state as `folder`/trainer_state.json, where Trainer.train(resume_from_checkpoint=folder)
-        finds it."""
-        with open(os.path.join(folder, TRAINER_STATE), "w", encoding="utf-8") as f:
+    def write_folder(self) -> str:
+        """A new temporary folder with the loaded state as trainer_state.json: what
+        Trainer.train(resume_from_checkpoint=FOLDER) reads (and, with no other file there, all)."""
+        self.folder = tempfile.mkdtemp(prefix="savegame-hf-")
+        with open(os.path.join(self.folder, TRAINER_STATE), "w", encoding="utf-8") as f:
             f.write(self.loaded or "")
+        return self.folder
+
+    def discard_folder(self) -> None:
+        """Remove it once the Trainer has read it, so a SIGKILL later leaves nothing behind."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
     def _callback_states(self) -> dict[str, Any]:
         """What the Trainer's own checkpoint would hold (as in Trainer._save_checkpoint): each stateful

@@ -11,8 +11,6 @@ loading is skipped: the weights are already in the model.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from typing import Any
 
 from transformers import Trainer
@@ -39,14 +37,13 @@ def train(trainer: Trainer, **kwargs: Any) -> TrainOutput:
     record = callback.bind(trainer)
     if record.loaded is None:
         return trainer.train(**kwargs)
-    folder = tempfile.mkdtemp(prefix="savegame-hf-")
+    folder = record.write_folder()  # the callback removes it as training begins
     try:
-        record.write(folder)
         trainer._load_from_checkpoint = _weights_already_loaded  # type: ignore[method-assign]  # this call only
         return trainer.train(resume_from_checkpoint=folder, **kwargs)
     finally:
         trainer.__dict__.pop("_load_from_checkpoint", None)
-        shutil.rmtree(folder, ignore_errors=True)
+        record.discard_folder()
 
 
 def _check(trainer: Trainer, kwargs: dict[str, Any]) -> None:
