@@ -49,6 +49,10 @@ class Narrator:
             self._warned.add(key)
             say(f"warning: {line}")
 
+    def unneeded(self, key: str) -> None:
+        """A warning the caller knows does not apply (an adapter whose framework checks it itself)."""
+        self._warned.add(key)
+
     def resumed(self, step: int, epoch: int, batch: int, monitor: Optional[str], best: Optional[float]) -> None:
         if self.verbose >= 1:
             tail = f", best {monitor} {fmt(best)}" if monitor else ""
