@@ -343,6 +343,10 @@ class Checkpointer:
 
     # -- saving ---------------------------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Block until the save in flight (if any) is committed or has failed."""
+        self._writer.wait()
+
     def save(self, reason: str = "manual", wait: bool = False) -> None:
         """Save now (at a step boundary). `wait=True` returns only once it is committed."""
         self._check_loss()
