@@ -82,6 +82,7 @@ class Checkpointer:
         self._commits = Commits(self._link, self._committed)
         self._writer = BackgroundWriter(self.store, self._commits.done)
         self._resume_mid_epoch = False
+        self._agreement: Any = None  # the ranks of a torch.distributed job: decisions every rank takes alike
         self._epoch_open = False
         self._deferred: Optional[str] = None  # a periodic save put off to the next boundary
         # True once the script works in epochs (epochs(), batches(), end_epoch(), the Keras callback): a
@@ -100,6 +101,9 @@ class Checkpointer:
             bind = getattr(self._adapter, "bind", None)
             if bind is not None:
                 bind(self)  # adapters that save the step counter read self.progress at capture time
+            agreement = getattr(self._adapter, "agreement", None)
+            if agreement is not None:
+                self._agreement = agreement(self._schedule)
         self._adapter.add(**objects)  # type: ignore[attr-defined]
         return self
 
@@ -116,7 +120,11 @@ class Checkpointer:
 
     def restore(self) -> Optional[CheckpointInfo]:
         """Load the checkpoint to resume from, if any. Returns it, or None for a fresh start."""
-        for store, info in resume_sources(self.store, self.config, self.supervised):
+        sources = resume_sources(self.store, self.config, self.supervised)
+        agree_resume = getattr(self._adapter, "agree_resume", None)
+        if agree_resume is not None:  # the ranks of a job: all from the same step, or all fresh
+            agree_resume(sources[0][1].step if sources else None)
+        for store, info in sources:
             try:
                 self._load(store, info)
             except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
@@ -140,9 +148,9 @@ class Checkpointer:
 
     def _load(self, store: CheckpointStore, info: CheckpointInfo) -> None:
         reader = CheckpointReader(store, info)
-        core = reader.state
         if self._adapter is not None:
             self._adapter.restore(reader)
+        core = reader.state  # after the adapter's restore: a rank of a job reads its own part
         self.progress = Progress.from_json(core["progress"])
         self.state = decode(core.get("user", {"__dict__": {}}), _no_tensors)
         best = core.get("history", {}).get("best")
@@ -233,8 +241,11 @@ class Checkpointer:
                       "`savegame run` resumes from it", self._link.address)
             self._requests.stop = True
         stop = self._requests.stop
-        reason = None if stop else ("manual" if self._requests.take_checkpoint()
-                                    else self._schedule.due(moment, self._history))
+        if self._agreement is not None:  # several ranks: every one stops, or saves, at the same step
+            stop, reason = self._agreement.decide(moment, self._history, stop, self._requests.take_checkpoint())
+        else:
+            reason = None if stop else ("manual" if self._requests.take_checkpoint()
+                                        else self._schedule.due(moment, self._history))
         reason = self._defer(reason, moment)
         monitor = self.config.monitor
         # Update the history first: the checkpoint saved here must hold this boundary's best value.
@@ -244,6 +255,8 @@ class Checkpointer:
             self._stop(moment)
         if reason:
             self._save(reason, moment.metrics)
+        if self._agreement is not None and not moment.at_epoch_end:
+            self._agreement.launch(saved=bool(reason))
 
     def _defer(self, reason: Optional[str], moment: Moment) -> Optional[str]:
         """A periodic save due at a step that may be the epoch's last (unknown epoch length, or the
@@ -315,7 +328,8 @@ class Checkpointer:
                 "history": {"best": self._history.best}}
 
     def _committed(self, info: CheckpointInfo) -> None:
-        if not self.supervised:  # the daemon applies retention to what it supervises
+        if not self.supervised and getattr(getattr(self._adapter, "job", None), "rank", 0) == 0:
+            # the daemon applies retention to what it supervises; of a job's ranks, rank 0 does
             apply_retention(self.store, self.config, self.resumed_from)
 
     # -- stopping -------------------------------------------------------------------------------
@@ -324,7 +338,8 @@ class Checkpointer:
         """Emergency: commit this step's state (unless it already is), then exit 75."""
         self._link.send("saving", step=moment.step, reason="emergency")
         self._commit_now("emergency", moment.metrics if moment.at_epoch_end else {})
-        self._report("stopping")
+        # "agreed": another rank of the job (maybe on another node) asked, not this one
+        self._report("stopping", why="requested" if self._requests.stop else "agreed")
         self.close()
         if self._requests.interrupted and not self.supervised:
             say(f"interrupted: saved step {moment.step} (emergency); run again to resume")
@@ -333,6 +348,8 @@ class Checkpointer:
     def finish(self) -> None:
         """End of training: commit the final state, wait for it, tell the daemon. A final state that
         cannot be committed (a full disk) ends the process with exit 74, not a silent success."""
+        if self._agreement is not None:
+            self._agreement.drain()
         self._commit_now("final", self.metrics)
         self._report("finished")
         self.close()
