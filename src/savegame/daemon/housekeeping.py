@@ -110,7 +110,13 @@ class Housekeeping:
             "last_checkpoint": d.last_checkpoint, "heartbeat": d.heartbeat, "mirror": mirror,
             "policy": _policy_summary(d), "policy_known": d.startup.policy_known,
             "protected": {str(step): why for step, why in self.protected.items()},
-            "events_dropped": dict(d.inbox.dropped)}
+            "events_dropped": dict(d.inbox.dropped), **_job(d)}
+
+
+def _job(d: "Supervisor") -> dict:
+    """The job's world size and this node's ranks (nothing for one process)."""
+    job = d.ranks.summary()
+    return {"job": job} if job else {}
 
 
 def _policy_summary(d: "Supervisor") -> dict:

@@ -57,6 +57,7 @@ class WorkerExited:
     last_step: Optional[int]  # the step it had reached (exact: the worker writes it at every boundary)
     loaded_step: Optional[int] = None  # the checkpoint it said it had loaded, if any
     emergency_saved: bool = False  # it reported an emergency commit (a wrapper may lose exit code 75)
+    note: str = ""  # how `code` was told when the process itself exited otherwise (torchrun: from its ranks)
 
     @property
     def suspect_step(self) -> Optional[int]:
@@ -222,6 +223,8 @@ def _on_stop(m: Machine, event: StopRequested) -> Transition:
 
 def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy) -> Transition:
     how = f"exit code {event.code}" if event.code is not None else f"signal {_signal_name(event.signal)}"
+    if event.note:
+        how += f": {event.note}"
     if m.stopping:
         saved = event.code == protocol.EXIT_SAVED_RESUME_ME or event.emergency_saved
         if not saved and event.code == protocol.EXIT_IO:

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any, Mapping, Optional
 
+from savegame.daemon.ranks import format_ranks
 from savegame.errors import MalformedInput
 from savegame.storage.local import process_alive
 from savegame.untrusted import load_json, read_regular_file
@@ -104,6 +105,7 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
         "last heartbeat:  " + (f"step {beat.get('step')}, {_num(beat.get('steps_per_s')):.2f} steps/s, "
                                 f"{_age(beat.get('time'), now)}" if beat else "none yet"),
     ]
+    lines += format_ranks(status, now)
     if mirror:
         lines.append(f"mirror:          {mirror.get('url')}: {mirror.get('pending', 0)} pending, last confirmed "
                      f"step {mirror.get('confirmed_step', '-')}, lag {_num(mirror.get('lag_s')):.1f}s")

@@ -24,6 +24,7 @@ from savegame.daemon.mirror import Mirror
 from savegame.daemon.output import WorkerOutput, binary_stream
 from savegame.daemon.preemption import PreemptionWatcher, notice_source
 from savegame.daemon.process import SpawnError, WorkerProcess, become_subreaper, reap_children, worker_env
+from savegame.daemon.ranks import RankTable
 from savegame.daemon.resume import ResumeChooser, ResumePoint
 from savegame.daemon.rundir import RunLock, open_mirror, open_run_folder, run_id_of
 from savegame.daemon.sdnotify import Notifier
@@ -78,6 +79,7 @@ class Supervisor:
         self.last_checkpoint: dict[str, Any] = {}
         self.last_event_mono = time.monotonic()
         self.announced: dict[int, set[str]] = {}  # pid -> the signals it handles (from its hello)
+        self.ranks = RankTable()  # the ranks of a torch.distributed job on this node (from their hellos)
         self.loaded_step: Optional[int] = None  # the checkpoint the current worker said it loaded
         self.resume_superseded = False  # the current worker committed past its resume source
         self.emergency_saved = False  # the current worker reported an emergency commit
@@ -220,6 +222,7 @@ class Supervisor:
             kind = event["event"]
             if kind == protocol.EVENT_HELLO:
                 self._on_hello(event)
+            self.ranks.note(event)
             if kind in HEARTBEAT_EVENTS:
                 self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
             if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
@@ -237,12 +240,17 @@ class Supervisor:
         handles = event.get("handles")
         names = {h for h in handles if h in KNOWN_SIGNALS} if isinstance(handles, list) else set()
         pid = int(event["pid"])
+        rank = self.ranks.hello(event)
         if pid not in self.announced:
-            log.info("worker process %d is ready (handles %s)", pid, ", ".join(sorted(names)) or "no signals")
+            of = f", rank {rank.rank} of {rank.world_size}" if rank.world_size > 1 else ""
+            log.info("worker process %d is ready (handles %s%s)", pid, ", ".join(sorted(names)) or "no signals", of)
         self.announced[pid] = names
         self.house.write_status()  # `savegame status` (and whoever waits on it) sees the worker ready at once
 
     def _note_commit(self, event: Mapping[str, Any]) -> None:
+        if self.ranks.multi_rank and {k: self.last_checkpoint.get(k) for k in ("step", "reason")} == \
+                {k: event.get(k) for k in ("step", "reason")}:
+            return  # the same commit, told by another rank of the job
         self.last_checkpoint = {k: event.get(k) for k in ("step", "epoch", "reason", "path", "bytes", "metrics")}
         self.last_checkpoint["time"] = time.time()
         step = number(event, "step")
@@ -266,9 +274,11 @@ class Supervisor:
         self._exit_reported = True
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
         code, signum = status
+        meant, note = self.ranks.translate(code) if signum is None else (code, "")
         step = self.progress.read() if self.progress else None
-        self.events.append(m.WorkerExited(code, signum, step, self.loaded_step,
-                                          emergency_saved=self.emergency_saved))
+        self.events.append(m.WorkerExited(meant, signum, step, self.loaded_step,
+                                          emergency_saved=self.emergency_saved,
+                                          note=f"{note}; the launcher exited {code}" if note else ""))
         self.house.collect_garbage()  # a dead worker's half-written checkpoint
         self.timers.pop("grace", None)
         self.timers.pop("dump", None)
@@ -357,6 +367,7 @@ class Supervisor:
         self.progress = protocol.ProgressCell(progress_path, create=True)
         env = worker_env(os.environ, self.run_dir, self.resume_point.info.path if self.resume_point else None,
                          self.run_id, self.attempt, self.inbox.address, self.startup.settings_path, progress_path)
+        env.update(self.startup.launcher_env)
         if self._stop_pending():
             return  # a stop arrived while preparing: the StopRequested event ends the run
         try:
@@ -369,6 +380,7 @@ class Supervisor:
         self.house.dirty = True  # retention looks again: a new resume source to protect
         self._exit_reported = False
         self.heartbeat, self.announced, self.loaded_step = {}, {}, None
+        self.ranks.reset()
         self.resume_superseded = self.emergency_saved = False
         self.last_event_mono = time.monotonic()
         self.events.append(m.Spawned(self.worker.pid))

@@ -30,6 +30,7 @@ from savegame.strategies import History, Moment, is_better, next_history
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
+from savegame.worker import exits
 from savegame.worker.exits import exit_config, exit_io, say, say_now
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.progress import Progress, rng_state, set_rng_state
@@ -53,6 +54,7 @@ class Checkpointer:
                  steps_per_epoch: Optional[int] = None) -> None:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
+        exits.on_exit = lambda code, line: self._link.send("exiting", code=code, error=line[:500])
         try:
             self.dir = choose_dir(dir)
             stored = stored_policy(self.dir, self.supervised)
