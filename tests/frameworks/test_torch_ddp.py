@@ -2,6 +2,7 @@
 the daemon SIGTERMed mid-epoch, and still the same final weights as a run left alone."""
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from dist_helpers import (DDP_EXAMPLE, JobDaemon, final_hash, kill_pid, manifests, progress_step, rank_files_complete,
                           torchrun)
-from helpers import savegame, wait_until
+from helpers import clean_env, savegame, wait_until
 
 pytestmark = pytest.mark.frameworks
 
@@ -70,3 +71,24 @@ def test_torchrun_restarting_by_itself_is_refused(tmp_path: Path) -> None:
                           timeout=60)
     assert done.returncode == 78, done.stderr
     assert "--max-restarts 0" in done.stderr
+
+
+def test_another_number_of_ranks_mid_epoch_is_refused_unless_the_epoch_restarts(tmp_path: Path) -> None:
+    """Saved by 2 ranks 10 steps into an epoch, resumed with 1: where each rank stood in its share of
+    the epoch cannot be carried over. The daemon stops with 78 (the rank's code, not torchrun's 1);
+    SAVEGAME_RESHARD=restart-epoch trains that epoch again from its start."""
+    run = tmp_path / "run"
+    short = [DDP_EXAMPLE, "--epochs", "1", "--limit-batches", "15", "--save-every-steps", "10"]
+    done = subprocess.run([*torchrun(2), *short, "--dir", str(run)], env=clean_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for folder in run.glob("ckpt-*"):
+        if folder.name != "ckpt-000000000010":
+            shutil.rmtree(folder)
+    refused = JobDaemon(run, torchrun(1), short).start()
+    assert refused.wait(timeout=300) == 78, refused.stderr[-3000:]
+    assert "saved by 2 ranks 10 steps into epoch 0; this job has 1" in refused.stderr
+    assert "worker reported a configuration error" in refused.stderr
+    again = JobDaemon(run, torchrun(1), short, env={"SAVEGAME_RESHARD": "restart-epoch"}).start()
+    assert again.wait(timeout=300) == 0, again.stderr[-3000:]
+    assert "resumed from step 10 (epoch 0, batch 0) with 1 ranks" in again.stdout

@@ -29,7 +29,6 @@ class Rank:
     step: Optional[int] = None
     time: Optional[float] = None  # wall time of its last event
     stopping: Optional[str] = None  # why it stopped after its emergency checkpoint: requested, agreed
-    exit_code: Optional[int] = None  # the code it said it exits with
 
 
 def _int(event: Mapping[str, Any], key: str, default: int) -> int:
@@ -40,9 +39,14 @@ def _int(event: Mapping[str, Any], key: str, default: int) -> int:
 class RankTable:
     def __init__(self) -> None:
         self.ranks: dict[int, Rank] = {}  # by pid
+        self.reports: dict[int, int] = {}  # pid -> the exit code it reported (also before its hello)
 
     def reset(self) -> None:
-        self.ranks = {}
+        self.ranks, self.reports = {}, {}
+
+    def senders(self) -> set[int]:
+        """Every process heard of: a launcher's exit is told apart by not being one of them."""
+        return set(self.ranks) | set(self.reports)
 
     @property
     def world_size(self) -> int:
@@ -64,37 +68,38 @@ class RankTable:
         return entry
 
     def note(self, event: Mapping[str, Any], now: Optional[float] = None) -> None:
-        """Any event from a rank: its step and when it was last heard of."""
-        entry = self.ranks.get(int(event["pid"]))
+        """Any event from a rank: its step and when it was last heard of, why it stops or exits."""
+        pid, kind = int(event["pid"]), event.get("event")
+        if kind == "bad-checkpoint":
+            self.reports[pid] = protocol.EXIT_BAD_CHECKPOINT
+        elif kind == "exiting" and event.get("code") in REPORTED_CODES:
+            self.reports[pid] = int(event["code"])
+        entry = self.ranks.get(pid)
         if entry is None:
             return
         entry.time = time.time() if now is None else now
         step = event.get("step")
         if isinstance(step, int) and not isinstance(step, bool):
             entry.step = step
-        kind = event.get("event")
         if kind == "stopping":
             entry.stopping = "agreed" if event.get("why") == "agreed" else "requested"
-        elif kind == "bad-checkpoint":
-            entry.exit_code = protocol.EXIT_BAD_CHECKPOINT
-        elif kind == "exiting" and event.get("code") in REPORTED_CODES:
-            entry.exit_code = int(event["code"])
 
     def stopped_together(self) -> Optional[str]:
         """When every rank here stopped after its emergency checkpoint: "agreed" if none of them was
         asked (another node's rank was), else "requested". None otherwise."""
-        if not self.multi_rank or not self.ranks or any(r.stopping is None for r in self.ranks.values()):
+        if not self.ranks or any(r.stopping is None for r in self.ranks.values()):
             return None
         return "agreed" if all(r.stopping == "agreed" for r in self.ranks.values()) else "requested"
 
     def reported_exit(self) -> Optional[int]:
-        codes = {r.exit_code for r in self.ranks.values()}
+        codes = set(self.reports.values())
         return next((code for code in REPORTED_CODES if code in codes), None)
 
-    def translate(self, code: Optional[int]) -> tuple[Optional[int], str]:
-        """(the exit code the job meant, a note) for a launcher's exit `code` (torchrun exits 1 for any
-        failing rank); the code unchanged, with no note, for one process or a code of savegame's own."""
-        if not self.multi_rank or code in (protocol.EXIT_OK, protocol.EXIT_SAVED_RESUME_ME, *REPORTED_CODES):
+    def translate(self, code: Optional[int], launcher: bool) -> tuple[Optional[int], str]:
+        """(the exit code the job meant, a note) for the exit `code` of a `launcher` that is not itself
+        a rank (torchrun exits 1 for any failing rank); the code unchanged, with no note, for the
+        training process itself or a code of savegame's own."""
+        if not launcher or code in (protocol.EXIT_OK, protocol.EXIT_SAVED_RESUME_ME, *REPORTED_CODES):
             return code, ""
         together = self.stopped_together()
         if together is not None:

@@ -274,7 +274,9 @@ class Supervisor:
         self._exit_reported = True
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
         code, signum = status
-        meant, note = self.ranks.translate(code) if signum is None else (code, "")
+        senders = self.ranks.senders()
+        launcher = bool(senders) and self.worker.pid not in senders  # torchrun (or a wrapper), not a rank itself
+        meant, note = self.ranks.translate(code, launcher) if signum is None else (code, "")
         step = self.progress.read() if self.progress else None
         self.events.append(m.WorkerExited(meant, signum, step, self.loaded_step,
                                           emergency_saved=self.emergency_saved,

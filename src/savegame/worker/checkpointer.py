@@ -327,7 +327,7 @@ class Checkpointer:
     def _core_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "progress": self.progress.to_json(), "rng": rng_state(),
                 "user": Encoder(lambda _: False).encode(self.state, "user"),
-                "history": {"best": self._history.best}}
+                "history": {"best": self._history.best}, "uses_epochs": self.uses_epochs}
 
     def _committed(self, info: CheckpointInfo) -> None:
         if not self.supervised and getattr(getattr(self._adapter, "job", None), "rank", 0) == 0:

@@ -115,7 +115,10 @@ def _chunk(fqn: str, size: list[int], chunk: Any, locations: dict[MetadataIndex,
 def _dims(value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or len(value) > MAX_DIMS:
         raise ValueError(f"{what} must be a list of at most {MAX_DIMS} integers")
-    return [_DIM(v) for v in value]
+    try:
+        return [_DIM(v) for v in value]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what} {str(exc).lstrip('= ')}") from None
 
 
 MAX_CHUNKS = 1 << 16

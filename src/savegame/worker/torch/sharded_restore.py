@@ -129,7 +129,7 @@ def _rank_state(job: Job, reader: CheckpointReader, saved_world: int) -> dict[st
         return {**state, **own}
     progress = dict(state.get("progress", {}))
     batch, epoch = int(progress.get("batch_in_epoch", 0)), int(progress.get("epoch", 0))
-    if batch:
+    if batch and state.get("uses_epochs", True):  # a plain step loop keeps no data position here
         if os.environ.get(RESHARD_ENV) != "restart-epoch":
             raise ConfigError(
                 f"{reader.info.path} was saved by {saved_world} ranks {batch} steps into epoch {epoch}; this job has "
