@@ -124,9 +124,12 @@ class RankTable:
 def format_ranks(status: Mapping[str, Any], now: float) -> list[str]:
     """`savegame status` lines for a job's ranks (none for one process)."""
     job = status.get("job")
+    node = status.get("node")
+    lines = [f"node:            {node}" + (" (leader: retention and mirror)" if status.get("leader") else "")
+             ] if isinstance(node, str) else []
     if not isinstance(job, dict) or not isinstance(job.get("ranks"), list):
-        return []
-    lines = [f"job:             world size {job.get('world_size', '?')}, {len(job['ranks'])} rank(s) on this node"
+        return lines
+    lines += [f"job:             world size {job.get('world_size', '?')}, {len(job['ranks'])} rank(s) on this node"
              + (" (incl. rank 0)" if job.get("hosts_rank0") else "")]
     for r in job["ranks"]:
         if not isinstance(r, dict):

@@ -46,7 +46,8 @@ class Startup:
         d = self.daemon
         check_command(d.settings["command"], os.environ)
         self.launcher_env = check_torchrun(d.settings["command"], os.environ, d.settings["grace"])
-        self.settings_path = write_worker_settings(d.run_dir, explicit_for_worker(d.settings))
+        self.settings_path = write_worker_settings(d.run_dir, explicit_for_worker(d.settings),
+                                                   d.node.file("settings.json"))
         d.house.collect_garbage()
         if d.local.list():
             self._remote_wait_s = QUICK_LIST_S
@@ -54,7 +55,6 @@ class Startup:
         self._adopt_stored_policy()
         if d.settings["resume"] == "none":
             self._refuse_to_mix_runs()
-        self.mirror_started = d.mirror is not None
 
     def _check_mirror(self) -> None:
         """A bucket that does not exist is a configuration error; one that cannot be reached now is
