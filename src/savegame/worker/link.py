@@ -90,8 +90,8 @@ class DaemonLink:
         SIGUSR1 only when it is handled."""
         rank, world_size = process_rank()
         local = os.environ.get("LOCAL_RANK", "")  # torchrun's: this rank's number on its node
-        self._events.send(protocol.EVENT_HELLO, handles=handles, rank=rank, world_size=world_size,
-                          local_rank=int(local) if local.isdigit() else rank)
+        extra = {"local_rank": int(local)} if local.isdigit() else {}
+        self._events.send(protocol.EVENT_HELLO, handles=handles, rank=rank, world_size=world_size, **extra)
 
     def close(self) -> None:
         self._events.close()
