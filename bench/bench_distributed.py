@@ -6,8 +6,10 @@
 
   agreement_cost_per_step     the stop/save agreement (one async all_reduce(MAX) on its own gloo group,
                               launched at one boundary, waited for at the next) per step, as a fraction
-                              of the step, for steps of several lengths; `boundary_cost_per_step` is the
-                              whole Checkpointer.step() against a loop without it
+                              of the step, for steps of several lengths (compute + the training's own
+                              gradient all_reduce, which keeps the ranks in step as DDP does);
+                              `boundary_cost_per_step` is the whole Checkpointer.step(); `agreement_call_us`
+                              the training thread's own time in the agreement's calls
   stall_vs_plain_copy         per rank: time the training thread is blocked in save() / a plain copy of
                               the rank's own shards into preallocated host memory (the slower rank)
   commit_vs_raw_write         save() until every rank sees the commit / every rank writing its shard's
@@ -50,30 +52,39 @@ def _busy(ms: float, x: Any) -> None:
 
 
 def agree_worker(args: argparse.Namespace, out: dict) -> None:
+    """Steps of compute plus the training's own gradient all_reduce (as DDP does, which keeps the
+    ranks in step), with and without the agreement at each boundary."""
     import torch
+    import torch.distributed as dist
     from savegame import Checkpointer
     ckpt = Checkpointer(os.path.join(args.root, "agree"), every_epochs=0, handle_signals=False)
     ckpt.track(model=torch.nn.Linear(4, 4))
-    x = torch.randn(64, 64)
+    agreement = ckpt._agreement
+    x, grads = torch.randn(64, 64), torch.randn(1 << 16)
     steps = 50 if args.quick else 200
     for ms in (1.0, 10.0, 50.0):
-        rows: dict[str, list[float]] = {"plain": [], "boundary": [], "agreement_only": []}
+        rows: dict[str, list[float]] = {"plain": [], "agreement": [], "boundary": []}
+        calls: list[float] = []
         for _ in range(3):
             for name in rows:
-                torch.distributed.barrier()
+                dist.barrier()
                 start = time.perf_counter()
                 for _ in range(steps):
                     _busy(ms, x)
+                    dist.all_reduce(grads)  # the training's collective (DDP's gradient bucket)
                     if name == "boundary":
                         ckpt.step()
-                    elif name == "agreement_only":
-                        ckpt._agreement.decide(_moment(ckpt), ckpt._history, False, False)
-                        ckpt._agreement.launch(saved=False)
+                    elif name == "agreement":
+                        began = time.perf_counter()
+                        agreement.decide(_moment(ckpt), ckpt._history, False, False)
+                        agreement.launch(saved=False)
+                        calls.append(time.perf_counter() - began)
                 rows[name].append((time.perf_counter() - start) / steps)
-            ckpt._agreement.drain()
+                agreement.drain()
         plain = statistics.median(rows["plain"])
-        out[f"{ms:g}ms"] = {"step_s": plain, "agreement_s": statistics.median(rows["agreement_only"]) - plain,
-                            "boundary_s": statistics.median(rows["boundary"]) - plain}
+        out[f"{ms:g}ms"] = {"step_s": plain, "agreement_s": statistics.median(rows["agreement"]) - plain,
+                            "boundary_s": statistics.median(rows["boundary"]) - plain,
+                            "call_s": statistics.median(calls)}
     ckpt.close()
 
 
@@ -239,6 +250,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     per_step = {k: {"step_ms": round(v["step_s"] * 1000, 3), "agreement_us": round(v["agreement_s"] * 1e6, 1),
+                    "agreement_call_us": round(max(a[k]["call_s"] for a in agree) * 1e6, 1),
                     "agreement_fraction": max(a[k]["agreement_s"] for a in agree) / v["step_s"],
                     "boundary_fraction": max(a[k]["boundary_s"] for a in agree) / v["step_s"]}
                 for k, v in agree[0].items()}

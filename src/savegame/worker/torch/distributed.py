@@ -81,30 +81,34 @@ def split_schedule(schedule: Any) -> tuple[list[Any], list[Any]]:
     return same, [p for p in parts if p not in same]
 
 
-def _due(parts: list[Any], moment: Moment, history: History) -> Optional[str]:
-    return AnySchedule(tuple(parts)).due(moment, history) if parts else None
-
-
 class Agreement:
-    """Stop and save decisions taken at the same step on every rank."""
+    """Stop and save decisions taken at the same step on every rank.
+
+    Per step boundary the training thread waits for the flags sent at the previous one (normally long
+    arrived: the all_reduce ran during the step) and sends its own; two small tensors take turns,
+    so nothing is allocated per step."""
 
     def __init__(self, job: Job, schedule: Any) -> None:
         self.job = job
-        self._same, self._rank0 = split_schedule(schedule)
-        self._pending: Optional[tuple[Any, torch.Tensor]] = None
-        self._intent = torch.zeros(3, dtype=torch.int64)  # what this rank contributes next
+        same, rank0 = split_schedule(schedule)
+        self._same = AnySchedule(tuple(same))
+        self._rank0 = AnySchedule(tuple(rank0)) if rank0 and job.coordinator else None
+        self._buffers = (torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+        self._turn = 0
+        self._pending: Optional[Any] = None  # the all_reduce in flight (on the buffer of this turn)
+        self._intent = [0, 0, 0]  # what this rank contributes next
 
     def decide(self, moment: Moment, history: History, stop: bool, manual: bool) -> tuple[bool, Optional[str]]:
         """(stop, reason to save) at this boundary, the same on every rank. `stop`/`manual` are this
         rank's own requests; they count at the next step boundary (now, at an epoch end)."""
         agreed = self._collect()
-        due = _due(self._rank0, moment, history) if self.job.coordinator else None
-        self._intent = torch.tensor([int(stop), int(manual), DUE_CODES.get(due, 1)], dtype=torch.int64)
+        due = self._rank0.due(moment, history) if self._rank0 is not None else None
+        self._intent = [int(stop), int(manual), DUE_CODES.get(due, 1)]
         if moment.at_epoch_end or self.job.agree_group is None:  # an epoch end is rare, and "best" must
-            agreed = torch.maximum(agreed, self._reduce(self._intent))  # go with its metrics: agree now
-            self._intent = torch.zeros(3, dtype=torch.int64)
+            agreed = [max(a, b) for a, b in zip(agreed, self._reduce(self._intent))]  # go with its metrics
+            self._intent = [0, 0, 0]
         reason = "manual" if agreed[MANUAL] else None
-        reason = reason or _better(_due(self._same, moment, history), REASONS.get(int(agreed[DUE])))
+        reason = reason or _better(self._same.due(moment, history), REASONS.get(agreed[DUE]))
         return bool(agreed[STOP]), reason
 
     def launch(self, saved: bool) -> None:
@@ -112,30 +116,28 @@ class Agreement:
         rank 0 found due is dropped when this boundary saved anyway."""
         if self.job.agree_group is None:
             return  # one rank: decided at once
-        flags = self._intent.clone()
-        if saved:
-            flags[DUE] = 0
-        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.job.agree_group, async_op=True)
-        self._pending = (work, flags)
+        self._turn ^= 1
+        flags = self._buffers[self._turn]
+        flags[STOP], flags[MANUAL], flags[DUE] = self._intent[STOP], self._intent[MANUAL], 0 if saved else self._intent[DUE]
+        self._pending = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.job.agree_group, async_op=True)
 
     def drain(self) -> None:
         """Wait for the agreement in flight (before the final save, or leaving)."""
         self._collect()
 
-    def _collect(self) -> torch.Tensor:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return torch.zeros(3, dtype=torch.int64)
-        work, flags = pending
-        if work is not None:
-            _wait(work)
-        return flags
+    def _collect(self) -> list[int]:
+        work, self._pending = self._pending, None
+        if work is None:
+            return [0, 0, 0]
+        _wait(work)
+        return self._buffers[self._turn].tolist()
 
-    def _reduce(self, flags: torch.Tensor) -> torch.Tensor:
-        flags = flags.clone()
-        if self.job.agree_group is not None:
-            _wait(dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.job.agree_group, async_op=True))
-        return flags
+    def _reduce(self, intent: list[int]) -> list[int]:
+        if self.job.agree_group is None:
+            return list(intent)
+        flags = torch.tensor(intent, dtype=torch.int64)
+        _wait(dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.job.agree_group, async_op=True))
+        return flags.tolist()
 
 
 def _better(a: Optional[str], b: Optional[str]) -> Optional[str]:
