@@ -236,6 +236,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rank-worker", choices=("agree", "save"))
     p.add_argument("--root")
+    p.add_argument("--only", choices=("save",), help="only the per-rank stall and commit figures")
     args = p.parse_args()
     if args.rank_worker:
         rank_worker(args)
@@ -244,8 +245,12 @@ def main() -> None:
         sys.exit("bench_distributed.py: only --device cpu is implemented and run here (no GPU was available)")
     root = tempfile.mkdtemp(prefix="sg-bench-dist-")
     try:
-        agree = _torchrun("agree", root, args.quick)
         save = _torchrun("save", root, args.quick)
+        if args.only == "save":
+            print(json.dumps({"stall_vs_plain_copy": [r["stall_vs_plain_copy"] for r in save],
+                              "commit_vs_raw_write": [r["commit_vs_raw_write"] for r in save], "ranks": save}, indent=1))
+            return
+        agree = _torchrun("agree", root, args.quick)
         restart = restart_figures(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)

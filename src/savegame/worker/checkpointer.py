@@ -342,6 +342,7 @@ class Checkpointer:
         self._commit_now("emergency", moment.metrics if moment.at_epoch_end else {})
         # "agreed": another rank of the job (maybe on another node) asked, not this one
         self._report("stopping", why="requested" if self._requests.stop else "agreed")
+        self._leave_job()
         self.close()
         if self._requests.interrupted and not self.supervised:
             say(f"interrupted: saved step {moment.step} (emergency); run again to resume")
@@ -354,6 +355,7 @@ class Checkpointer:
             self._agreement.drain()
         self._commit_now("final", self.metrics)
         self._report("finished")
+        self._leave_job()
         self.close()
 
     def _commit_now(self, reason: str, metrics: Mapping[str, float]) -> None:
@@ -364,6 +366,14 @@ class Checkpointer:
         if self._commits.step != self.progress.step and error is not None:
             self.close()
             exit_io(f"the {reason} checkpoint (step {self.progress.step}) was not saved: {error}")
+
+    def _leave_job(self) -> None:
+        """Every rank of a job is here together (final or emergency commit): let the job's checkpoint
+        groups go now rather than in the script's own teardown."""
+        leave = getattr(self._adapter, "leave_job", None)
+        if leave is not None:
+            self._writer.wait()
+            leave()
 
     def close(self) -> None:
         """Wait for the save in flight, give the signal handlers back, stop reporting."""

@@ -48,6 +48,19 @@ class Job:
     def coordinator(self) -> bool:
         return self.rank == 0
 
+    def leave(self) -> None:
+        """At a point every rank reaches (the final or emergency commit): wait for the others, then
+        let the checkpoint groups go, so none of their traffic is left for the script's own teardown
+        (gloo, torn down while a peer still talks on a group, may abort the process)."""
+        if self.save_group is None:
+            return
+        try:
+            dist.barrier(group=self.save_group)
+            for group in (self.agree_group, self.save_group):
+                dist.destroy_process_group(group)
+        except (RuntimeError, ValueError) as exc:  # a rank already gone, or the script tore them down
+            log.debug("leaving the checkpoint groups: %s", exc)
+
 
 def distributed() -> bool:
     """Whether this process is one rank of an initialized torch.distributed job."""

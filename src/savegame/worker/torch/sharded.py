@@ -58,6 +58,10 @@ class ShardedTorchAdapter(TorchAdapter):
         """The Checkpointer's stop and save decisions, agreed by every rank."""
         return Agreement(self.job, schedule)
 
+    def leave_job(self) -> None:
+        """After the final or emergency checkpoint, on every rank: the checkpoint groups go."""
+        self.job.leave()
+
     def agree_resume(self, step: Optional[int]) -> None:
         """Every rank resumes from the same step (or all start fresh); refuse anything else."""
         agree_resume(self.job, step)
@@ -76,7 +80,10 @@ class ShardedTorchAdapter(TorchAdapter):
         rng = Encoder(lambda _: False).encode(_rng_bytes(), "torch_rng")
 
         def write(store: CheckpointStore, job: Any) -> CheckpointInfo:
-            return save_sharded(store, job, self.job, mine, {b.name: b for b in blobs}, skeleton, rng, ready)
+            # DCP's planning (Python, collectives) waits for the copy rather than compete with it for
+            # the interpreter and the cores: the training thread's stall stays one copy.
+            ready(sum(b.data.nbytes for b in blobs))
+            return save_sharded(store, job, self.job, mine, {b.name: b for b in blobs}, skeleton, rng, None)
 
         return Capture(fill=fill, write=write)
 
@@ -98,7 +105,7 @@ class HostCopyPlanner(DefaultSavePlanner):
 
 def save_sharded(store: CheckpointStore, save: Any, job: Job, live: Mapping[str, torch.Tensor],
                  blobs: Mapping[str, TensorBlob], skeleton: Mapping[str, Any], rng: Any,
-                 ready: Callable[[int], None]) -> CheckpointInfo:
+                 ready: Optional[Callable[[int], None]] = None) -> CheckpointInfo:
     """One collective save on the writer thread (`save` is the writer's SaveJob); every rank gets the
     committed checkpoint, or the same error."""
     core = dict(save.core_state)
