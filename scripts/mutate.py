@@ -72,6 +72,17 @@ MUTATIONS = [
     Mutation("sender-not-checked", "daemon/events.py", "            if sender is None or not accept(*sender):",
              "            if sender is None:", ("tests/hostile/test_event_socket.py",
                                                 "tests/integration/test_daemon_guards.py")),
+    Mutation("worker-keeps-daemon-oom-score", "daemon/process.py",
+             "            if oom_score_adj is None or oom_score_adj == own_oom_score_adj():", "            if True:",
+             ("tests/integration/test_oom_priority.py",)),
+    Mutation("hang-timeout-ignores-steps", "strategies/hang.py", "    wanted = max(floor_s, factor * slowest_step_s)",
+             "    wanted = floor_s", ("tests/integration/test_hang_auto.py",)),
+    Mutation("status-all-misses-dead-daemons", "daemon/overview.py",
+             "        if daemon is None or not process_alive(daemon):", "        if daemon is None:",
+             ("tests/integration/test_status_all.py",)),
+    Mutation("manifest-index-unchecked", "storage/manifestindex.py",
+             "        if etag and entry is not None and entry[0] == etag and matches_etag(entry[1], etag):",
+             "        if entry is not None:", ("tests/integration/test_manifest_index.py",)),
     # torch.distributed jobs (issue 11)
     Mutation("commit-without-every-report", "worker/torch/dcp_storage.py",
              "        if sorted(reports) != list(range(self.world_size)):", "        if False:",
@@ -94,12 +105,13 @@ def copy_tree(into: Path) -> None:
     shutil.copytree(ROOT / "src", into / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 
-def run_tests(src: Path, tests: tuple[str, ...]) -> tuple[bool, float]:
+def run_tests(src: Path, tests: tuple[str, ...]) -> tuple[int, float]:
+    """pytest's exit code (0 passed, 1 a test failed; anything else: the run itself broke) and seconds."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    return done.returncode == 0, time.monotonic() - started
+    return done.returncode, time.monotonic() - started
 
 
 def apply(copy: Path, mutation: Mutation) -> None:
@@ -120,14 +132,16 @@ def main(names: list[str]) -> int:
             copy = Path(tmp) / mutation.name
             copy_tree(copy)
             clean, _ = run_tests(copy / "src", mutation.tests)
-            if not clean:
+            if clean != 0:
                 rows.append((mutation.name, "tests fail unmutated", "-"))
                 survivors += 1
                 continue
             apply(copy, mutation)
-            passed, seconds = run_tests(copy / "src", mutation.tests)
-            survivors += passed
-            rows.append((mutation.name, "SURVIVED" if passed else "caught", f"{seconds:.0f}s"))
+            code, seconds = run_tests(copy / "src", mutation.tests)
+            # Caught means a test failed (exit 1); a run that broke (collection error: exit 2..4) proves nothing.
+            result = "caught" if code == 1 else "SURVIVED" if code == 0 else f"run broke (pytest exit {code})"
+            survivors += result != "caught"
+            rows.append((mutation.name, result, f"{seconds:.0f}s"))
             print(f"{mutation.name:28} {rows[-1][1]:22} {rows[-1][2]}", flush=True)
     print("\n| mutation | result | tests took |\n|---|---|---|")
     for name, result, seconds in rows:

@@ -96,6 +96,20 @@ def fault_proxy(s3_server: S3Server) -> Iterator[object]:
     proxy.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The manifest cache of every listing the suite makes (in this process and in the subprocesses
+    it starts, which inherit the variable) goes to a temporary folder, never ~/.cache/savegame."""
+    folder = tmp_path_factory.mktemp("savegame-cache")
+    before = os.environ.get("SAVEGAME_CACHE_DIR")
+    os.environ["SAVEGAME_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("SAVEGAME_CACHE_DIR", None)
+    else:
+        os.environ["SAVEGAME_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_daemons() -> Iterator[None]:
     """Whatever a test started with helpers.Daemon is killed when it ends, pass or fail: no daemon
@@ -110,7 +124,8 @@ def no_leftover_daemons() -> Iterator[None]:
 @pytest.fixture
 def savegame_env() -> dict[str, str]:
     """Environment for subprocesses running savegame (no daemon variables leak in)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAVEGAME_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAVEGAME_", "NOTIFY_SOCKET", "WATCHDOG_"))
+           or k == "SAVEGAME_CACHE_DIR"}  # the suite's private cache folder (see private_cache_dir)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -17,7 +17,8 @@ COUNTER_WORKER = str(TESTS / "workers" / "counter_worker.py")
 
 def clean_env(extra: Optional[dict] = None) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SAVEGAME_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+           if not k.startswith(("SAVEGAME_", "NOTIFY_SOCKET", "WATCHDOG_"))
+           or k == "SAVEGAME_CACHE_DIR"}  # the suite's private cache folder (conftest: private_cache_dir)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
@@ -47,10 +48,11 @@ class Daemon:
     started: list["Daemon"] = []
 
     def __init__(self, run_dir: Path, worker: Sequence[str], options: Sequence[str] = (),
-                 env: Optional[dict] = None) -> None:
+                 env: Optional[dict] = None, logs: Optional[Path] = None) -> None:
         self.run_dir = Path(run_dir)
-        self.out = self.run_dir.parent / f"{self.run_dir.name}.out"
-        self.err = self.run_dir.parent / f"{self.run_dir.name}.err"
+        logs = Path(logs) if logs is not None else self.run_dir.parent  # elsewhere when the run's disk breaks
+        self.out = logs / f"{self.run_dir.name}.out"
+        self.err = logs / f"{self.run_dir.name}.err"
         self.cmd = [SAVEGAME, "run", "--dir", str(self.run_dir), *options, "--", sys.executable, *worker]
         self.env = clean_env(env)
         self.proc: Optional[subprocess.Popen] = None
@@ -64,8 +66,9 @@ class Daemon:
     def ready(self, timeout: float = 30) -> int:
         """Wait until the worker announced itself (its signal handlers are in place); its pid."""
         def announced() -> Optional[int]:
-            status = self.status() or {}
-            return status.get("worker_pid") if status.get("worker_ready") else None
+            status = self.status() or {}  # this daemon's, not one a previous daemon of the folder left
+            mine = self.proc is not None and status.get("daemon_pid") == self.proc.pid
+            return status.get("worker_pid") if mine and status.get("worker_ready") else None
         return int(wait_until(announced, timeout))  # type: ignore[arg-type]
 
     def wait(self, timeout: float = 60) -> int:

@@ -1,4 +1,4 @@
-"""`savegame run | ls | verify | prune | restore | status`. Logging is configured here, and only here.
+"""`savegame run | ls | verify | prune | restore | export | status`. Logging is configured here, and only here.
 
 Exit codes: 0 ok, 1 a run gave up or verify found damage, 2 usage, 74 checkpoints did not reach where
 they must (the mirror, a full disk), 78 bad configuration.
@@ -9,20 +9,44 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from typing import Any, Optional, Sequence
 
 from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, read_toml
 from savegame.errors import ConfigError, SavegameError, StorageError
+from savegame.journal import JournalFormatter, journal_stream, prefixed
 
 log = logging.getLogger("savegame")
+
+
+def _to_journal() -> bool:
+    try:
+        return journal_stream(os.environ, sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # no stderr, or not a real file
+        return False
+
+
+def _error_line(message: str) -> None:
+    """An error said outside logging (usage, configuration): priority 3 in the journal too."""
+    print(prefixed(message, 3) if _to_journal() else message, file=sys.stderr)
+
+
+def _set_up_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # journald stamps the time itself and files each line under the priority it starts with
+    handler.setFormatter(JournalFormatter() if _to_journal()
+                         else logging.Formatter("%(asctime)s savegame %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(f"savegame: error: {message}", file=sys.stderr)
+        _error_line(f"savegame: error: {message}")
         raise SystemExit(protocol.EXIT_USAGE)
 
 
@@ -48,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", choices=("latest", "best", "none"))
     run.add_argument("--grace", type=float, metavar="SECONDS", help="time the worker gets to save on stop (25)")
     run.add_argument("--max-restarts", type=int, metavar="N", help="failures allowed per restart window (5)")
-    run.add_argument("--hang-timeout", type=float, metavar="SECONDS", help="restart a worker without progress (off)")
+    run.add_argument("--hang-timeout", metavar="SECONDS|auto",
+                     help="restart a worker silent this long (auto: max(hang_floor, 20 x its slowest step)); 0: off")
     run.add_argument("--nodes", type=int, metavar="N", help="the job spans N nodes, one daemon each, on a shared --dir")
     run.add_argument("--node", metavar="NAME", help="with --nodes: this node's name (default: the host name)")
     run.add_argument("--leader", action="store_true", default=None,
@@ -83,9 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--mode", choices=("min", "max", "auto"))
     restore.add_argument("--to", required=True, metavar="DIR")
 
+    export = sub.add_parser("export", help="write one checkpoint's model in its framework's own format")
+    export.add_argument("url", metavar="DIR_OR_URL")
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--latest", action="store_true")
+    which.add_argument("--best", action="store_true", help="best by the run's monitored metric")
+    which.add_argument("--step", type=int)
+    export.add_argument("--monitor")
+    export.add_argument("--mode", choices=("min", "max", "auto"))
+    export.add_argument("--object", metavar="NAME", help="which tracked model (torch: default 'model')")
+    export.add_argument("--to", required=True, metavar="FILE",
+                        help="torch: FILE.safetensors; Keras: FILE.keras or FILE.weights.h5; TensorFlow: a prefix")
+
     status = sub.add_parser("status", help="show what the daemon of a run folder is doing")
     status.add_argument("dir", metavar="DIR")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--all", action="store_true",
+                        help="every run folder one level below DIR, one line each; exit 1 if any failed or is stale")
+    status.add_argument("--stale-after", type=_positive_seconds, default=120.0, metavar="SECONDS",
+                        help="with --all: a running daemon whose status is older than this is stale (120)")
     return parser
 
 
@@ -181,7 +222,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from savegame.inspect_cmds import open_existing, verify_rows
 
-    rows = verify_rows(open_existing(args.url), args.step)
+    store = open_existing(args.url)
+    rows = verify_rows(store, args.step)
     if args.json:
         _print_json(rows)
     else:
@@ -189,6 +231,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"step {row['step']}: " + ("ok" if row["ok"] else "DAMAGED: " + "; ".join(row["problems"])))
         if not rows:
             print("no checkpoints")
+        unfinished = [p.name for p in store.scan().incomplete] if args.step is None else []
+        if unfinished:  # not checkpoints, not damage: a save or delete in progress, or its leftover
+            print(f"{len(unfinished)} folder(s) without a manifest (unfinished saves or deletes, collected when "
+                  f"stale): {', '.join(unfinished[:5])}{' ...' if len(unfinished) > 5 else ''}")
     return 0 if all(r["ok"] for r in rows) else protocol.EXIT_FAILED
 
 
@@ -220,24 +266,58 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from savegame.export import export
+    from savegame.inspect_cmds import choose
+
+    store, config = _open_with_policy(args)
+    which = "latest" if args.latest else "best" if args.best else "step"
+    info = choose(store, which, args.step, config)
+    what = export(store, info, args.to, args.object)
+    print(f"exported step {info.step} (epoch {info.epoch}, {info.reason}) to {args.to}: {what}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from savegame.daemon.supervisor import run_supervised
 
     config = config_from_args(args)
     if not config["command"]:
-        print("savegame: error: no command to run: savegame run [options] -- python train.py ...", file=sys.stderr)
+        _error_line("savegame: error: no command to run: savegame run [options] -- python train.py ...")
         return protocol.EXIT_USAGE
     try:
         return run_supervised(config)
     except StorageError as exc:  # the run folder's disk is full, the mirror cannot be read: retry later
-        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc.strerror or exc}")
         return protocol.EXIT_IO
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    import os
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400 * 366:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
 
+
+def cmd_status_all(args: argparse.Namespace) -> int:
+    from savegame.daemon.overview import format_overview, overview
+
+    rows = overview(args.dir, args.stale_after)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_overview(rows) if rows else f"no runs under {args.dir}")
+    return protocol.EXIT_FAILED if any(row["problem"] for row in rows) else protocol.EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
     from savegame.daemon.status import format_status, read_node_statuses, read_status, status_path
+
+    if args.all:
+        return cmd_status_all(args)
 
     status = read_status(args.dir)
     nodes = read_node_statuses(args.dir) if status is None else {}
@@ -258,25 +338,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ls": cmd_ls, "verify": cmd_verify, "prune": cmd_prune,
-            "restore": cmd_restore, "status": cmd_status}
+            "restore": cmd_restore, "export": cmd_export, "status": cmd_status}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s savegame %(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "watchdog"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _set_up_logging(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"savegame: configuration error: {exc}", file=sys.stderr)
+        _error_line(f"savegame: configuration error: {exc}")
         return protocol.EXIT_CONFIG
     except StorageError as exc:
-        print(f"savegame: {exc.strerror or exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc.strerror or exc}")
         return protocol.EXIT_FAILED
     except SavegameError as exc:
-        print(f"savegame: {exc}", file=sys.stderr)
+        _error_line(f"savegame: {exc}")
         return protocol.EXIT_FAILED
     except KeyboardInterrupt:
         return 130

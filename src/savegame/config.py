@@ -1,6 +1,7 @@
 """Configuration: a TOML file, command-line flags and script defaults, validated in one place.
 
-Layers merge low to high (regime preset < script defaults < config file < command line), each
+Layers merge low to high (regime preset < script defaults < script arguments < config file < command
+line; a script's default schedule and retention give way when a higher layer chooses a regime), each
 checked against the schema below. A bad key or value raises ConfigError naming the source, the
 key, the value and what is allowed. The rest of the code only sees `RunConfig` and the policy
 objects it builds.
@@ -17,6 +18,8 @@ from savegame.errors import ConfigError, MalformedInput
 from savegame.strategies import (REGIMES, RESUME_CHOICES, AnyOf, AnySchedule, EveryNEpochs, EveryNSeconds,
                                  EveryNSteps, KeepBest, KeepEvery, KeepLast, KeepThinning, OnImprovement,
                                  RestartPolicy, ThinningTier, resolve_mode)
+from savegame.strategies.anomaly import KINDS as ANOMALY_KINDS, RollbackRule
+from savegame.strategies.interval import BOOTSTRAP_S
 from savegame.strategies.regimes import DEFAULT_REGIME
 
 from savegame.untrusted import read_regular_file
@@ -41,6 +44,14 @@ def _integer(minimum: int = 0) -> Parser:
             raise ValueError(f"must be an integer >= {minimum}")
         if value > MAX_COUNT:
             raise ValueError(f"must be at most {MAX_COUNT}")
+        return value
+    return parse
+
+
+def _int_between(low: int, high: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
         return value
     return parse
 
@@ -71,6 +82,15 @@ def _wait(value: Any) -> float:
 
 def _human_seconds(seconds: float) -> str:
     return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} seconds"
+
+
+def _hang_timeout(value: Any) -> Any:
+    if value == "auto":
+        return value
+    try:
+        return duration(value)
+    except ValueError as exc:
+        raise ValueError(f'must be "auto" or a duration (0: off); {exc}') from None
 
 
 def _text(value: Any) -> str:
@@ -120,6 +140,52 @@ def _preemption(value: Any) -> str:
     raise ValueError("must be aws, gcp, azure or an http(s) URL of a notice")
 
 
+def _every_seconds(value: Any) -> Any:
+    """A duration, or "auto": the Young-Daly interval from measured save costs and failures."""
+    if value == "auto":
+        return value
+    try:
+        return duration(value)
+    except ValueError as exc:
+        raise ValueError(f'{exc}, or "auto"') from None
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = duration(value)
+    if seconds <= 0:
+        raise ValueError("must be a duration more than 0")
+    return seconds
+
+
+def _anomaly_kinds(value: Any) -> list[str]:
+    if not isinstance(value, list) or any(v not in ANOMALY_KINDS for v in value):
+        raise ValueError(f"must be a list of {', '.join(ANOMALY_KINDS)} (empty: off)")
+    return list(dict.fromkeys(value))
+
+
+def _spike_factor(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 < value < float("inf"):
+        raise ValueError("must be a finite number more than 1")
+    return float(value)
+
+
+PREEMPTION_SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+
+def _preemption_signal(value: Any) -> str:
+    name = value.upper() if isinstance(value, str) else value
+    name = f"SIG{name}" if isinstance(name, str) and not name.startswith("SIG") else name
+    if name not in PREEMPTION_SIGNALS:
+        raise ValueError("must be SIGUSR1 or SIGUSR2 (what #SBATCH --signal sends)")
+    return name
+
+
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http(s) URL, like \"http://169.254.169.254\"")
+    return value.rstrip("/")
+
+
 def _at_least(minimum: float, parse: Parser) -> Parser:
     def check(value: Any) -> float:
         parsed = parse(value)
@@ -145,8 +211,12 @@ def _table(value: Any) -> dict[str, Any]:
 
 
 SAVE_KEYS: dict[str, Parser] = {
-    "every_steps": _integer(), "every_epochs": _integer(), "every_seconds": duration,
-    "on_improvement": _boolean, "min_delta": _number,
+    "every_steps": _integer(), "every_epochs": _integer(), "every_seconds": _every_seconds,
+    "on_improvement": _boolean, "min_delta": _number, "mtbf_prior": _positive_duration,
+}
+ROLLBACK_KEYS: dict[str, Parser] = {
+    "on": _anomaly_kinds, "spike_factor": _spike_factor, "window": _integer(1), "max": _integer(),
+    "skip_batches": _boolean,
 }
 KEEP_KEYS: dict[str, Parser] = {
     "last": _integer(), "best": _integer(), "every": _integer(), "every_unit": _choice("step", "epoch"),
@@ -156,16 +226,23 @@ TOP_KEYS: dict[str, Parser] = {
     "dir": _text, "mirror": _text, "regime": _choice(*REGIMES), "resume": _choice(*RESUME_CHOICES),
     "monitor": _text, "mode": _choice("min", "max", "auto"), "grace": _wait,
     "max_restarts": _integer(), "restart_window": duration, "backoff_initial": _wait,
-    "backoff_max": _wait, "hang_timeout": duration, "stale_after": duration,
+    "backoff_max": _wait, "hang_timeout": _hang_timeout, "hang_floor": duration, "stale_after": duration,
     "mirror_deadline": _wait, "upload_timeout": _wait, "mirror_wait": _wait, "preemption": _preemption,
     "preemption_interval": _at_least(0.5, _wait), "command": _command, "storage": _table,
     "nodes": _integer(1), "node": _node_name, "leader": _boolean,  # a job on several nodes (daemon/nodes.py)
+    "preemption_signal": _preemption_signal, "preemption_endpoint": _endpoint,
+    "worker_oom_score_adj": _int_between(-1000, 1000),
 }
-SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS}
+SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS,
+                                          "rollback": ROLLBACK_KEYS}
+PRESET_SECTIONS = ("save", "keep", "mirror_keep")  # what a regime's preset decides
 DEFAULTS: dict[str, Any] = {
     "resume": "latest", "mode": "auto", "grace": 25.0, "max_restarts": 5, "restart_window": 3600.0,
-    "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": 0.0, "stale_after": 3600.0,
-    "mirror_deadline": 60.0, "upload_timeout": 600.0, "mirror_wait": 300.0, "preemption_interval": 5.0, "save": {"min_delta": 0.0}, "keep": {"every_unit": "step"},
+    "backoff_initial": 1.0, "backoff_max": 60.0, "hang_timeout": "auto", "hang_floor": 1800.0, "stale_after": 3600.0,
+    "mirror_deadline": 60.0, "upload_timeout": 600.0, "mirror_wait": 300.0, "preemption_interval": 5.0,
+    "save": {"min_delta": 0.0, "mtbf_prior": 86400.0}, "keep": {"every_unit": "step"},
+    "rollback": {"on": [], "spike_factor": 10.0, "window": 100, "max": 3, "skip_batches": False},
+    "worker_oom_score_adj": 0,  # the worker does not inherit the daemon's protection (OOMScoreAdjust=-500)
 }
 
 
@@ -175,6 +252,9 @@ class Layer:
 
     source: str
     values: Mapping[str, Any]
+    # A script's (or an adapter's) defaults, as opposed to its explicit arguments: they hold over the
+    # regime's preset, but their [save] and [keep] give way when a higher layer chooses a regime.
+    default: bool = False
 
 
 def validate_layer(layer: Layer) -> dict[str, Any]:
@@ -233,10 +313,16 @@ class RunConfig:
         metric = self.values.get("monitor")
         return (metric, resolve_mode(self.values["mode"], metric)) if metric else None
 
-    def schedule(self) -> AnySchedule:
+    @property
+    def auto_interval(self) -> bool:
+        return self.values["save"]["every_seconds"] == "auto"
+
+    def schedule(self, auto_seconds: Optional[float] = None) -> AnySchedule:
+        """The save schedule; with every_seconds = "auto", at `auto_seconds` (the worker measures it)."""
         save = self.values["save"]
+        seconds = (auto_seconds or BOOTSTRAP_S) if self.auto_interval else save["every_seconds"]
         parts: list[Any] = [EveryNSteps(save["every_steps"]), EveryNEpochs(save["every_epochs"]),
-                            EveryNSeconds(save["every_seconds"])]
+                            EveryNSeconds(seconds)]
         if self.monitor and save["on_improvement"]:
             parts.append(OnImprovement(self.monitor[0], self.monitor[1], save["min_delta"]))  # type: ignore[arg-type]
         return AnySchedule(tuple(parts))
@@ -252,16 +338,24 @@ class RunConfig:
                              timedelta(seconds=t["every"])) for t in keep["thin"])))
         return AnyOf(tuple(parts))
 
+    def rollback_rule(self) -> RollbackRule:
+        r = self.values["rollback"]
+        return RollbackRule(tuple(r["on"]), r["spike_factor"], r["window"], r["max"], r["skip_batches"])
+
     def restart_policy(self) -> RestartPolicy:
         v = self.values
         return RestartPolicy(max_restarts=v["max_restarts"], window_s=v["restart_window"],
-                             backoff_initial_s=v["backoff_initial"], backoff_max_s=v["backoff_max"])
+                             backoff_initial_s=v["backoff_initial"], backoff_max_s=v["backoff_max"],
+                             max_rollbacks=v["rollback"]["max"])
 
 
 def build_config(layers: Sequence[Layer]) -> RunConfig:
     """Validate and merge layers (lowest first) over the defaults and the chosen regime's preset."""
     explicit: dict[str, Any] = {}
-    for layer in layers:
+    for index, layer in enumerate(layers):
+        if layer.default and any("regime" in higher.values for higher in layers[index + 1:]):
+            # defaults meant for no particular regime give way to a chosen one's schedule and retention
+            layer = Layer(layer.source, {k: v for k, v in layer.values.items() if k not in PRESET_SECTIONS})
         explicit = _merge(explicit, validate_layer(layer))
     regime = explicit.get("regime", DEFAULT_REGIME)
     preset = validate_layer(Layer(f"regime {regime!r}", REGIMES[regime]))
@@ -290,5 +384,5 @@ def read_toml(path: str) -> Layer:
 
 def explicit_for_worker(config: RunConfig) -> dict[str, Any]:
     """The settings a worker should apply over its own defaults (never the storage credentials)."""
-    keep = ("regime", "monitor", "mode", "save", "keep")
+    keep = ("regime", "monitor", "mode", "save", "keep", "rollback")
     return {k: v for k, v in config.explicit.items() if k in keep}

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 
 from savegame.config import RunConfig
-from savegame.errors import CheckpointNotFound, ConfigError
+from savegame.errors import CheckpointNotFound, ConfigError, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.storage.manifest import parse_time
 from savegame.strategies import plan_retention, resume_candidates
@@ -52,16 +52,30 @@ def ls_rows(store: CheckpointStore, config: RunConfig, protected: Mapping[int, s
 
 
 def verify_rows(store: CheckpointStore, step: Optional[int] = None) -> list[dict[str, Any]]:
+    """One row per committed or damaged checkpoint. A folder without a manifest (a save or a delete in
+    progress, or its leftover) is not a checkpoint and not damage: `ls --all` shows it. A checkpoint
+    found damaged is looked at again: one deleted meanwhile (retention of a running run) is no damage."""
     scan = store.scan()
-    rows = [{"step": c.step, "path": c.path, "ok": not (problems := store.verify(c)), "problems": problems}
+    rows = [{"step": c.step, "path": c.path, "ok": not (problems := _problems(store, c)), "problems": problems}
             for c in scan.committed if step is None or c.step == step]
-    for problem in scan.damaged + scan.incomplete:
+    for problem in scan.damaged:
         if step is None or problem.step == step:
             rows.append({"step": problem.step, "path": store.path_of(problem.name), "ok": False,
                          "problems": [problem.problem]})
+    if any(not r["ok"] for r in rows):
+        again = store.scan()
+        still = {c.step for c in again.committed} | {p.step for p in again.damaged}
+        rows = [r for r in rows if r["ok"] or r["step"] in still]
     if step is not None and not rows:
         raise CheckpointNotFound(f"{store.url}: no checkpoint at step {step}; `savegame ls {store.url}` lists them")
     return sorted(rows, key=lambda r: r["step"])
+
+
+def _problems(store: CheckpointStore, info: CheckpointInfo) -> list[str]:
+    try:
+        return store.verify(info)
+    except StorageError as exc:  # the folder went away while we looked (retention), or cannot be read
+        return [str(exc.strerror or exc)]
 
 
 def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str], dry_run: bool,

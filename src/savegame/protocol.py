@@ -25,6 +25,7 @@ ENV_ATTEMPT = "SAVEGAME_ATTEMPT"
 ENV_EVENTS = "SAVEGAME_EVENTS"
 ENV_CONFIG = "SAVEGAME_CONFIG"  # JSON file of the settings the user gave the daemon (an addition)
 ENV_PROGRESS = "SAVEGAME_PROGRESS"  # 8-byte file the worker writes its step into (an addition)
+ENV_RELIABILITY = "SAVEGAME_RELIABILITY"  # {"failures": n, "observed_s": t}: the run's record, for the MTBF
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,11 +33,15 @@ EXIT_USAGE = 2
 EXIT_BAD_CHECKPOINT = 65  # EX_DATAERR: the resume checkpoint failed verification while loading
 EXIT_IO = 74  # EX_IOERR (daemon): checkpoints did not reach where they must (the mirror, a full disk)
 EXIT_SAVED_RESUME_ME = 75  # EX_TEMPFAIL: emergency checkpoint committed, resume me
+EXIT_ROLLBACK = 76  # the loss went bad (NaN, a spike): worker: roll me back; daemon: more often than rollback.max
 EXIT_CONFIG = 78  # EX_CONFIG: never retried
 
 MAX_DATAGRAM = 16 * 1024
 EVENT_HELLO = "hello"  # the training process announces itself: pid, handles, rank, world_size
-_PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
+# The worker sends a heartbeat at the first step boundary at least this long after its last one (and
+# every interval inside a keepalive); the daemon bounds step times with it.
+HEARTBEAT_INTERVAL_S = 0.5
+_PEER_GONE = (errno.ECONNREFUSED, errno.ENOTCONN)  # the socket is there, nobody is bound to it
 
 
 def socket_address(address: str) -> str | bytes:
@@ -50,6 +55,7 @@ class DatagramSender:
     def __init__(self, address: Optional[str]) -> None:
         self.address = address
         self.peer_gone = False  # the receiver is gone (the daemon died): nobody listens any more
+        self.peer_missing = False  # its socket file is missing: the daemon died, or the file was removed
         self._sock: Optional[socket.socket] = None
         if address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -64,6 +70,8 @@ class DatagramSender:
         except OSError as exc:  # the queue is full (events are best-effort), or nobody listens
             if exc.errno in _PEER_GONE:
                 self.peer_gone = True
+            elif exc.errno == errno.ENOENT:
+                self.peer_missing = True
             return False
 
     def send(self, event: str, **fields: Any) -> bool:

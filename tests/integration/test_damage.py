@@ -74,8 +74,11 @@ def damaged_run(request, tmp_path: Path):
     return request.param, root
 
 
-def test_verify_names_the_checkpoint_and_the_problem(damaged_run, savegame_env):
-    kind, root = damaged_run
+@pytest.mark.parametrize("kind", sorted(k for k in KINDS if k != "missing-manifest"))  # that one: below
+def test_verify_names_the_checkpoint_and_the_problem(kind, tmp_path: Path, savegame_env):
+    root = tmp_path / "run"
+    make_run(root)
+    damage(root, kind)
     proc = cli(savegame_env, "verify", str(root))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
@@ -140,3 +143,16 @@ def test_prune_never_deletes_a_damaged_checkpoint(damaged_run, savegame_env):
     assert cli(savegame_env, "verify", str(root), "--step", "400").returncode == 0
     assert cli(savegame_env, "prune", str(root), "--keep-last", "1").returncode == 0  # again: still fine
     assert damaged_folder.is_dir()
+
+
+def test_verify_mentions_folders_without_a_manifest(tmp_path: Path, savegame_env):
+    """No manifest: not a checkpoint (an unfinished save or delete, or its leftover, collected when
+    stale), so not damage either: verify names it without failing, `ls --all` lists it as incomplete."""
+    root = tmp_path / "run"
+    make_run(root)
+    damage(root, "missing-manifest")
+    proc = cli(savegame_env, "verify", str(root))
+    assert proc.returncode == 0, proc.stdout
+    assert f"1 folder(s) without a manifest" in proc.stdout and f"ckpt-{DAMAGED_STEP:012d}" in proc.stdout
+    rows = {r["step"]: r for r in json.loads(cli(savegame_env, "ls", str(root), "--json", "--all").stdout)}
+    assert rows[DAMAGED_STEP]["status"] == "incomplete"

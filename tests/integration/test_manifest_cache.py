@@ -80,3 +80,23 @@ def test_a_tampered_cache_file_is_ignored(s3_server, cache_dir: Path):
     cache_file.unlink()
     cache_file.symlink_to("/dev/zero")
     assert [c.step for c in CheckpointStore(url, {**s3_server.storage_options, "skip_instance_cache": True}).list()] == [1]
+
+
+def test_the_suite_never_writes_the_cache_into_the_home_folder(s3_server):
+    """conftest points SAVEGAME_CACHE_DIR at a session temporary folder, and the `savegame` processes
+    the tests start (helpers.savegame, Daemon) keep it: no test run fills ~/.cache/savegame."""
+    import hashlib
+    import os
+
+    from helpers import savegame
+
+    folder = os.environ.get("SAVEGAME_CACHE_DIR")
+    assert folder and folder != "off", "tests/conftest.py must set SAVEGAME_CACHE_DIR"
+    assert not Path(folder).resolve().is_relative_to(Path.home().resolve() / ".cache")
+    bucket = s3_server.make_bucket()
+    save(CheckpointStore(f"s3://{bucket}/run", s3_server.storage_options), 1)
+    result = savegame("ls", f"s3://{bucket}/run", "--json", env=s3_server.env)
+    assert result.returncode == 0, result.stderr
+    name = hashlib.sha256(f"s3://{bucket}/run".encode()).hexdigest()[:32] + ".json"
+    assert (Path(folder) / "manifests" / name).is_file(), "the CLI's cache went elsewhere"
+    assert not (Path.home() / ".cache" / "savegame" / "manifests" / name).exists()

@@ -43,7 +43,7 @@ def test_unit_settings_fit_the_daemon():
     text = UNIT.read_text()
     settings = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
     assert settings["Type"] == "notify" and settings["KillMode"] == "mixed"
-    assert settings["RestartPreventExitStatus"] == "78" and settings["Restart"] == "on-failure"
+    assert settings["RestartPreventExitStatus"] == "78 76" and settings["Restart"] == "on-failure"
     assert int(settings["TimeoutStopSec"]) > 25 + 60, "the stop timeout must cover the grace and the mirror upload"
     assert "WatchdogSec" in settings and "EnvironmentFile" in settings
     assert "network-online.target" in settings["After"]

@@ -264,3 +264,21 @@ def test_no_improvement_schedule_or_best_policy_without_a_monitor():
 def test_worker_never_gets_storage_options():
     config = build(monitor="acc", storage={"key": "secret"}, keep={"last": 2}, grace=3)
     assert explicit_for_worker(config) == {"monitor": "acc", "keep": {"last": 2}}
+
+
+def test_worker_oom_score_adj_is_0_by_default_and_a_score_of_the_kernels_range():
+    assert build()["worker_oom_score_adj"] == 0
+    assert build(worker_oom_score_adj=-1000)["worker_oom_score_adj"] == -1000
+    assert build(worker_oom_score_adj=1000)["worker_oom_score_adj"] == 1000
+    for bad in (1001, -1001, 2.5, "0", True):
+        assert f"worker_oom_score_adj = {bad!r}: must be an integer from -1000 to 1000" in config_error(
+            {"worker_oom_score_adj": bad})
+
+
+def test_hang_detection_is_auto_by_default_with_a_30_minute_floor():
+    assert build()["hang_timeout"] == "auto" and build()["hang_floor"] == 1800.0
+    assert build(hang_timeout="auto", hang_floor="2s")["hang_floor"] == 2.0
+    assert build(hang_timeout=0)["hang_timeout"] == 0.0  # off
+    assert build(hang_timeout="45m")["hang_timeout"] == 2700.0
+    message = config_error({"hang_timeout": "automatic"})
+    assert "hang_timeout = 'automatic'" in message and '"auto"' in message and "'30s'" in message

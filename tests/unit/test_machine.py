@@ -114,6 +114,8 @@ def test_deaths_right_after_loading_fall_back_once_then_give_up():
     m.WorkerExited(1, None, None, loaded_step=None),  # died before loading: a missing dataset, an import error
     m.WorkerExited(1, None, 57, loaded_step=42),  # died after making progress: not about the checkpoint
     m.WorkerExited(None, signal.SIGKILL, 57, loaded_step=42),
+    m.WorkerExited(None, signal.SIGKILL, None, loaded_step=42),  # the OOM killer right after loading
+    m.WorkerExited(74, None, None, loaded_step=42),  # its saves failed (a full disk)
 ])
 def test_failures_not_about_the_checkpoint_never_fall_back(exit_event):
     events = [m.Spawned(1)]
@@ -164,8 +166,9 @@ def test_a_transient_spawn_failure_at_a_restart_backs_off_and_retries():
 
 
 def test_aborted_fails_from_any_state():
-    machine, trace = run([m.Spawned(1), m.Aborted("the disk is full")])
-    assert machine.state == m.State.FAILED and kinds(trace[-1][1]) == ["KillGroup"]
+    machine, trace = run([m.Spawned(1), m.Aborted("the disk is full", 74)])
+    assert machine.state == m.State.FAILED and kinds(trace[-1][1]) == ["KillGroup", "Finish"]
+    assert trace[-1][1][-1] == m.Finish(74)  # the mirror is flushed on the way out too
 
 
 def test_checkpoint_request_is_forwarded_only_while_running():
@@ -188,3 +191,66 @@ def test_a_worker_that_could_not_save_is_told_apart():
     assert "could not be committed" in trace[-1][2]
     machine, trace = run([m.Spawned(1), m.WorkerExited(74, None, 9)])
     assert machine.state == m.State.BACKOFF and machine.failures[-1].cause == "save-failed"
+
+
+# ---------------------------------------------------------------- SLURM requeue, NaN/spike rollback
+
+def test_a_preemption_signal_stops_then_requeues_after_the_exit_code_is_settled():
+    machine, trace = run([m.Spawned(10), m.StopRequested("SIGUSR1 (the preemption signal)", requeue=True),
+                          m.WorkerExited(75, None, 7)])
+    assert machine.state == m.State.STOPPED and machine.requeue
+    assert kinds(trace[-1][1]) == ["KillGroup", "Finish", "Requeue"]  # the mirror first, then the requeue
+    _, trace = run([m.Spawned(10), m.WorkerExited(1, None, 5), m.StopRequested("SIGUSR1", requeue=True)])
+    assert kinds(trace[-1][1]) == ["Finish", "Requeue"]  # no worker running: requeued all the same
+
+
+def test_a_plain_stop_never_requeues_even_if_the_preemption_signal_follows():
+    _, trace = run([m.Spawned(10), m.StopRequested("SIGTERM"), m.StopRequested("SIGUSR1", requeue=True),
+                    m.WorkerExited(75, None, 7)])
+    assert "Requeue" not in kinds(trace[-1][1])
+
+
+def test_an_anomalous_loss_rolls_back_without_spending_the_budget():
+    events = [m.Spawned(1)]
+    for i in range(3):  # three rollbacks with max 3, plus crashes: the crash budget is untouched by them
+        events += [m.WorkerExited(76, None, 31, anomaly_step=30, anomalies=i + 1), m.BackoffOver(), m.Spawned(2)]
+    machine, trace = run(events, policy=RestartPolicy(max_restarts=0, window_s=100, max_rollbacks=3))
+    assert machine.state == m.State.RUNNING
+    rollbacks = [actions for state, actions, reason in trace if any(isinstance(a, m.RollBack) for a in actions)]
+    assert len(rollbacks) == 3 and all(m.RollBack(30) in a and m.SetTimer("backoff", 0) in a for a in rollbacks)
+    assert "rolling back to before step 30 (rollback 2 of 3)" in trace[4][2]
+
+
+def test_one_anomaly_more_than_max_gives_up_with_exit_76():
+    machine, trace = run([m.Spawned(1), m.WorkerExited(76, None, 31, anomaly_step=30, anomalies=4)],
+                         policy=RestartPolicy(max_rollbacks=3))
+    assert machine.state == m.State.FAILED and trace[-1][1][-1] == m.Finish(76)
+    assert m.RollBack(30) in trace[-1][1]  # its checkpoints are set aside all the same
+    assert "4 times" in trace[-1][2] and "rollback.max = 3" in trace[-1][2]
+
+
+def test_an_anomaly_during_a_stop_sets_its_checkpoints_aside_and_stops():
+    machine, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"), m.WorkerExited(76, None, 31, anomaly_step=30,
+                                                                                   anomalies=1)])
+    assert machine.state == m.State.STOPPED and m.RollBack(30) in trace[-1][1] and trace[-1][1][-1] == m.Finish(0)
+    assert "the loss went bad" in trace[-1][2]
+
+
+def test_a_hang_right_after_loading_is_not_the_checkpoints_fault():
+    """A long evaluation after loading, longer than --hang-timeout: a hang, never a suspect checkpoint."""
+    events = [m.Spawned(1)]
+    for _ in range(4):
+        events += [m.HangDetected(5.0), m.DumpWaitOver(), m.WorkerExited(None, signal.SIGKILL, None, loaded_step=42),
+                   m.BackoffOver(), m.Spawned(2)]
+    roomy = RestartPolicy(max_restarts=10, window_s=100, same_step_limit=3)
+    machine, trace = run(events, m.Machine(), step=0.0, policy=roomy)
+    assert machine.failures[-1].cause == "hang"
+    assert not any(isinstance(a, m.SetAsideResume) for _, actions, _ in trace for a in actions)
+
+
+def test_a_stop_before_training_started_loses_nothing():
+    machine, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"),
+                          m.WorkerExited(None, signal.SIGTERM, None, trained=False)])
+    assert trace[-1][1][-1] == m.Finish(0) and "nothing to save" in trace[-1][2]
+    machine, trace = run([m.Spawned(1), m.StopRequested("SIGTERM"), m.WorkerExited(None, signal.SIGKILL, 9)])
+    assert trace[-1][1][-1] == m.Finish(74) and "later work is lost" in trace[-1][2]

@@ -25,7 +25,10 @@ parser.add_argument("--print", action="store_true", help="print a line at every 
 parser.add_argument("--ignore-term", action="store_true")
 parser.add_argument("--crash-at", type=int, help="exit 3 whenever this step is reached")
 parser.add_argument("--crash-after-load", type=int, help="exit 3 right after resuming from this step")
+parser.add_argument("--crash-once-at", type=int, help="exit 3 at this step on the first attempt only")
 parser.add_argument("--hang-at", type=int, help="hang at this step on the first attempt")
+parser.add_argument("--pause-at", type=int, help="one slow step: pause at this step (every attempt)")
+parser.add_argument("--pause-for", type=float, default=0.0, help="seconds of the --pause-at step")
 parser.add_argument("--metric", action="store_true", help="report a loss at each epoch end")
 parser.add_argument("--best-epoch", type=int, help="with --metric: the loss is lowest at this epoch")
 args = parser.parse_args()
@@ -48,10 +51,13 @@ ckpt.start_training()  # stop signals are handled from here on: the first step i
 
 while ckpt.progress.step < args.steps:
     step = ckpt.progress.step
-    if step == args.crash_at:
+    if step == args.crash_at or (step == args.crash_once_at and os.environ.get("SAVEGAME_ATTEMPT", "1") == "1"):
+        ckpt.flush()  # the checkpoint before the crash is committed: deterministic, however loaded the machine
         os._exit(3)
     if step == args.hang_at and os.environ.get("SAVEGAME_ATTEMPT", "1") == "1":
         time.sleep(3600)
+    if step == args.pause_at:
+        time.sleep(args.pause_for)
     weights += 1
     seen.append(step)
     if log:

@@ -1,13 +1,18 @@
-"""The daemon's end of the worker events: a datagram socket in a private folder.
+"""The daemon's end of the worker events: a datagram socket in a folder only the daemon owns.
 
-Only this user's processes can reach it (the folder is 0700, the socket is not abstract). The
-kernel-checked sender credentials (SO_PASSCRED) are checked before a byte of a datagram is parsed:
-only the worker's own processes count (the supervisor says which). What passes is parsed by the
-strict parser; anything else is dropped and counted, and one tick handles a bounded number.
+The socket lives in the run folder's `.savegame/` (checked: ours, not writable by others) when the
+path fits an AF_UNIX address, else in a private folder (0700) under systemd's $RUNTIME_DIRECTORY or
+the temp folder; never in $XDG_RUNTIME_DIR, which logind removes when the user logs out. If it is
+removed anyway (a cleaner of old temp files), `check()` binds it again at the same address, so the
+running worker is heard again without a restart. The kernel-checked sender credentials
+(SO_PASSCRED) are checked before a byte of a datagram is parsed: only the worker's own processes
+count (the supervisor says which). What passes is parsed by the strict parser; anything else is
+dropped and counted, and one tick handles a bounded number.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -30,14 +35,41 @@ Accept = Callable[[int, int], bool]  # (sender pid, sender uid) -> whether its e
 
 
 class EventInbox:
-    def __init__(self, runtime_dir: Optional[str] = None) -> None:
-        self._folder = tempfile.mkdtemp(prefix="savegame-", dir=_runtime_dir(runtime_dir))  # mode 0700
-        self.address = os.path.join(self._folder, "events")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(self.address)
-        self.sock.setblocking(False)
+    def __init__(self, run_dir: Optional[str] = None) -> None:
+        own = os.path.join(run_dir, ".savegame", "events.sock") if run_dir else None
+        if own is not None and len(own.encode()) <= _SUN_PATH_MAX:
+            self._folder, self._made_folder = os.path.dirname(own), False
+        else:  # a run folder too deep for an AF_UNIX address
+            self._folder, self._made_folder = tempfile.mkdtemp(prefix="savegame-", dir=_runtime_dir()), True
+        self.address = os.path.join(self._folder, "events.sock")
         self.dropped: collections.Counter[str] = collections.Counter()  # why -> how many
+        self.sock = self._bind()
+
+    def _bind(self) -> socket.socket:
+        if self._made_folder and not os.path.isdir(self._folder):
+            os.mkdir(self._folder, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.address)  # a socket left by a daemon that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(self.address)
+        os.chmod(self.address, 0o600)  # only this user may send (the kernel checks write permission)
+        sock.setblocking(False)
+        self._inode = os.stat(self.address).st_ino
+        return sock
+
+    def lost(self) -> bool:
+        """Whether the socket file was removed or replaced (then `rebind()`)."""
+        try:
+            return os.lstat(self.address).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    def rebind(self) -> None:
+        """Bind again at the same address: the running worker is heard again, no restart needed."""
+        log.warning("the event socket %s was removed: binding it again", self.address)
+        self.sock.close()
+        self.sock = self._bind()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -71,7 +103,10 @@ class EventInbox:
 
     def close(self) -> None:
         self.sock.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(self.address)
+        if self._made_folder:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def parse_event(payload: bytes, pid: int) -> Optional[Mapping[str, Any]]:
@@ -96,12 +131,13 @@ def _sender(ancillary: list[tuple[int, int, bytes]]) -> Optional[tuple[int, int]
     return None
 
 
-def _runtime_dir(given: Optional[str]) -> Optional[str]:
-    """Where the socket's folder goes: $XDG_RUNTIME_DIR when usable, else the temp folder."""
-    for candidate in (given, os.environ.get("XDG_RUNTIME_DIR")):
-        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK) \
-                and len(candidate) < _SUN_PATH_MAX - 32:
-            return candidate
+def _runtime_dir() -> Optional[str]:
+    """systemd's RuntimeDirectory= for the unit when set and usable, else the temp folder (never
+    $XDG_RUNTIME_DIR: it belongs to a login session and goes away with it)."""
+    candidate = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK) \
+            and len(candidate) < _SUN_PATH_MAX - 40:
+        return candidate
     return None
 
 
@@ -119,4 +155,6 @@ def next_heartbeat(previous: Mapping[str, Any], event: Mapping[str, Any], now: f
         current = (step - previous["step"]) / (now - previous["time"])
         rate = current if not rate else 0.7 * rate + 0.3 * current
     epoch = number(event, "epoch")
-    return {"step": step, "epoch": None if epoch is None else int(epoch), "time": now, "steps_per_s": rate}
+    monitor = event.get("monitor")
+    return {"step": step, "epoch": None if epoch is None else int(epoch), "time": now, "steps_per_s": rate,
+            "monitor": monitor[:200] if isinstance(monitor, str) else None, "best": number(event, "best")}

@@ -35,7 +35,8 @@ class Housekeeping:
     def tick(self) -> None:
         d = self.daemon
         now = time.monotonic()
-        if d.notifier.watchdog_interval_s and now - self.watchdog_at >= d.notifier.watchdog_interval_s:
+        due = d.notifier.watchdog_interval_s and now - self.watchdog_at >= d.notifier.watchdog_interval_s
+        if due and d.exit_code is None:  # once the run is over, its final STATUS= is the last message
             d.notifier.watchdog()
             self.watchdog_at = now
         if self.dirty and d.exit_code is None:
@@ -108,6 +109,7 @@ class Housekeeping:
             "attempt": d.attempt, "run_id": d.run_id, "restarts": dict(d.restarts),
             "resumed_from": d.resume_point.info.step if d.resume_point else None,
             "last_checkpoint": d.last_checkpoint, "heartbeat": d.heartbeat, "mirror": mirror,
+            "hang_timeout_s": d.hang.timeout_s,
             "policy": _policy_summary(d), "policy_known": d.startup.policy_known,
             "protected": {str(step): why for step, why in self.protected.items()},
             "events_dropped": dict(d.inbox.dropped), **_job(d)}

@@ -7,6 +7,8 @@ final checkpoints first (an upload of another step in flight is cancelled for th
 newest first. Every remote operation has a deadline; one that overruns is abandoned, and the view
 is listed again before anything relies on it. The bucket's retention runs only once the run's
 policy is known. `flush` returns the steps the bucket still lacks: "mirrored" is never assumed.
+After a pass that changed the bucket (and once per daemon), the manifest index is rewritten from a
+fresh listing (storage/manifestindex.py), so cold listings of the bucket read one object.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ T = TypeVar("T")
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 30.0
 FLUSH_RETRY_S = 0.5  # while the daemon waits for the bucket, a failed pass is retried this soon
+INDEX_FLUSH_S = 5.0  # how long a flush waits for the manifest index once every checkpoint is there
 CALL_TIMEOUT_S = 30.0  # listing, deleting, small writes: a stalled server must not hold anything up
 
 
@@ -62,6 +65,7 @@ class Mirror:
         self.pending: list[int] = []  # what it still has to upload, newest first
         self.last_error: Optional[str] = None
         self.last_upload: Optional[tuple[int, float]] = None  # (step, wall time)
+        self._index_stale = True  # the bucket changed since the manifest index was last written
         self._thread = threading.Thread(target=self._loop, name="savegame-mirror", daemon=True)
 
     # -- the daemon's side -----------------------------------------------------------------------
@@ -73,6 +77,15 @@ class Mirror:
         """The run's policy is known (or changed): the bucket's retention may run, and gets it stored."""
         with self._cond:
             self._config = config
+            self._requested = True
+            self._cond.notify_all()
+
+    def forget(self) -> None:
+        """The bucket changed behind the mirror's back (the daemon set steps aside there): list it again
+        before anything relies on what it holds."""
+        with self._cond:
+            self._listed = False
+            self._remote = {}
             self._requested = True
             self._cond.notify_all()
 
@@ -96,6 +109,17 @@ class Mirror:
         return awaiting_upload(local, remote, config.retention("mirror"), datetime.now(timezone.utc),
                                monitor=config.monitor, unmirrorable=skip)  # type: ignore[arg-type]
 
+    def missing(self) -> list[int]:
+        """Local steps the bucket's policy wants and the bucket does not hold, those it cannot take (its
+        step there holds something else) included: the truth for the daemon's exit."""
+        with self._cond:
+            config, remote = self._config, list(self._remote.values())
+        local = self.local.list()
+        if config is None:
+            return sorted((c.step for c in local if c.step not in self._remote), reverse=True)
+        return awaiting_upload(local, remote, config.retention("mirror"), datetime.now(timezone.utc),
+                               monitor=config.monitor)  # type: ignore[arg-type]
+
     def flush(self, timeout_s: float) -> list[int]:
         """Wait until the bucket holds everything it should (or the timeout passes); the steps it
         still lacks (empty: all mirrored). An empty answer is never a guess: it is judged against
@@ -104,9 +128,13 @@ class Mirror:
         with self._cond:
             self._flushing = self._retry_now = self._requested = True
             self._cond.notify_all()
+        settle_by: Optional[float] = None  # once all is there, the index may catch up until then
         while True:
-            missing = self.awaiting(self.local.list())
-            if not missing or time.monotonic() >= deadline:
+            missing, now = self.awaiting(self.local.list()), time.monotonic()
+            settle_by = None if missing else (settle_by or now + INDEX_FLUSH_S)
+            with self._cond:
+                indexed = not self._index_stale  # it only saves reads: waited for briefly, never required
+            if now >= deadline or (settle_by is not None and (indexed or now >= settle_by)):
                 return missing
             with self._cond:
                 self._requested = True  # a pass starts as soon as the thread is free
@@ -167,6 +195,10 @@ class Mirror:
                 continue  # the urgent step is chosen next
             self._wake()
         self._prune_remote()
+        if self._index_stale:
+            self._timed(self.remote.write_index, "writing the manifest index")
+            with self._cond:
+                self._index_stale = False
 
     def _next_upload(self) -> Optional[CheckpointInfo]:
         local = {c.step: c for c in self.local.list()}
@@ -236,6 +268,7 @@ class Mirror:
             raise
         with self._cond:
             self._remote[info.step] = copied
+            self._index_stale = True
         self.last_upload = (info.step, time.time())
         log.info("mirrored step %d to %s in %.1fs", info.step, self.remote.url, time.monotonic() - started)
 
@@ -278,4 +311,5 @@ class Mirror:
             self._timed(lambda: self.remote.delete(step), f"deleting step {step}")
             with self._cond:
                 self._remote.pop(step, None)
+                self._index_stale = True
             log.info("mirror retention: deleted step %d from %s", step, self.remote.url)

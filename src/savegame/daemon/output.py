@@ -9,11 +9,13 @@ new bytes to the daemon's own stdout and stderr, ignoring a terminal that is gon
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import threading
 from typing import BinaryIO, Optional
 
 from savegame.daemon.status import STATUS_DIR
+from savegame.errors import ConfigError
 
 FORWARD_INTERVAL_S = 0.1
 MAX_LOG_BYTES = 64 << 20  # per file; beyond it the older half moves to <name>.1
@@ -67,8 +69,12 @@ class _Stream:
     def __init__(self, path: str, target: Optional[BinaryIO]) -> None:
         self.path = path
         self._target = target
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        self.write_fd = os.open(path, flags, 0o640)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        self.write_fd = os.open(path, flags, 0o640)  # never blocks on a FIFO planted there
+        if not stat.S_ISREG(os.fstat(self.write_fd).st_mode):
+            os.close(self.write_fd)
+            raise ConfigError(f"{path} is not a regular file: savegame keeps the worker's output there; remove it")
+        os.set_blocking(self.write_fd, True)
         self._read_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._offset = os.fstat(self.write_fd).st_size  # what earlier runs wrote was forwarded then
 

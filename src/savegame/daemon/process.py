@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from typing import Iterable, Mapping, Optional, Sequence
 
 from savegame import protocol
@@ -52,15 +53,54 @@ class SpawnError(OSError):
     """The worker could not be started (fork failed, the program vanished): worth retrying later."""
 
 
+OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
+# The worker must not inherit the daemon's protection from the OOM killer (the unit's
+# OOMScoreAdjust=-500), and its score must be right before its first instruction: a wrapper (sh -c,
+# torchrun) forks at once, and children inherit the score. Writing /proc/<pid>/oom_score_adj after
+# the spawn races with that; preexec_fn runs Python between fork and exec in a process with threads
+# (it can deadlock). So the worker starts through this exec shim: an isolated interpreter that sets
+# its own score and execs the command (same pid, group, fds and environment). It reports through a
+# close-on-exec pipe: a score it may not set, and why exec failed (nothing at all on success).
+_SHIM = """import os, sys
+fd, score, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+os.set_inheritable(fd, False)
+try:
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(score)
+except OSError as exc:
+    os.write(fd, ("oom %s\\n" % (exc.strerror or exc)).encode())
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    os.write(fd, ("exec %d %s\\n" % (exc.errno or 5, exc.strerror or exc)).encode())
+    os._exit(127)
+"""
+
+
+def own_oom_score_adj() -> Optional[int]:
+    """The daemon's own OOM score adjustment (None where /proc does not tell)."""
+    try:
+        with open(OOM_SCORE_ADJ, "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 class WorkerProcess:
     """One running worker and everything it starts."""
 
+    oom_warned = False  # a score the daemon may not give is said once, not at every restart
+
     def __init__(self, command: Sequence[str], env: Mapping[str, str], *, keep_fds: Iterable[int] = (),
-                 stdout: Optional[int] = None, stderr: Optional[int] = None) -> None:
+                 stdout: Optional[int] = None, stderr: Optional[int] = None,
+                 oom_score_adj: Optional[int] = None) -> None:
+        options = dict(env=dict(env), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, process_group=0,
+                       close_fds=True)
         try:
-            self._popen = subprocess.Popen(list(command), env=dict(env), stdin=subprocess.DEVNULL,
-                                           stdout=stdout, stderr=stderr, process_group=0, close_fds=True,
-                                           pass_fds=tuple(keep_fds))
+            if oom_score_adj is None or oom_score_adj == own_oom_score_adj():
+                self._popen = subprocess.Popen(list(command), pass_fds=tuple(keep_fds), **options)
+            else:  # the score differs from the inherited one: set it before the worker's first instruction
+                self._popen = self._through_shim(command, oom_score_adj, tuple(keep_fds), options)
         except OSError as exc:
             raise SpawnError(exc.errno or errno.EIO, f"cannot start {command[0]!r}: {exc.strerror or exc}") from None
         self.pid = self._popen.pid
@@ -68,6 +108,29 @@ class WorkerProcess:
         self._owned: dict[int, bool] = {}
         self.known: set[int] = {self.pid}  # every process of it seen so far (to kill after its parent died)
         self._status: Optional[tuple[Optional[int], Optional[int]]] = None
+
+    @classmethod
+    def _through_shim(cls, command: Sequence[str], score: int, keep_fds: tuple[int, ...],
+                      options: dict) -> subprocess.Popen:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SHIM, str(write_fd), str(score), *command],
+                                     pass_fds=(*keep_fds, write_fd), **options)
+        finally:
+            os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as report:  # EOF once the command runs (or the shim is gone)
+            lines = report.read(4096).decode("utf-8", "replace").splitlines()
+        for line in lines:
+            what, _, detail = line.partition(" ")
+            if what == "oom" and not cls.oom_warned:
+                cls.oom_warned = True
+                log.warning("cannot set the worker's oom_score_adj to %d (%s; a score below the daemon's own needs "
+                            "CAP_SYS_RESOURCE): it runs at %s", score, detail, own_oom_score_adj())
+            elif what == "exec":
+                popen.wait()
+                number, _, reason = detail.partition(" ")
+                raise OSError(int(number) if number.isdigit() else errno.EIO, reason)
+        return popen
 
     def owns(self, pid: int) -> bool:
         """Whether `pid` is one of this worker's processes: in its process group, or a descendant."""

@@ -45,10 +45,10 @@ class ResumeChooser:
         self._list_timeout_s = min(list_timeout_s, download_timeout_s)
         self._verified: set[tuple[int, str]] = set()  # (step, created): verified once per daemon
 
-    def choose(self, choice: str, exclude: Iterable[int] = ()) -> Optional[ResumePoint]:
-        """The latest (or best) valid checkpoint, leaving out the steps in `exclude`."""
+    def choose(self, choice: str, exclude: Iterable[int] = (), before: Optional[int] = None) -> Optional[ResumePoint]:
+        """The latest (or best) valid checkpoint, leaving out the steps in `exclude` (and from `before` on)."""
         skipped = set(exclude)
-        local = {c.step: c for c in self.local.list() if c.step not in skipped}
+        local = {c.step: c for c in self.local.list() if c.step not in skipped and (before is None or c.step < before)}
         remote, problem = self._remote_list(QUICK_LIST_S if local else self._list_timeout_s)
         if problem is not None:
             if not local:
@@ -56,7 +56,7 @@ class ResumeChooser:
                                         f"({problem}) and the run folder holds no checkpoint to resume from")
             log.warning("cannot list the mirror %s (%s); choosing among local checkpoints only",
                         self.remote.url if self.remote else "", problem)
-        merged = {**{s: c for s, c in remote.items() if s not in skipped}, **local}
+        merged = {**{s: c for s, c in remote.items() if s not in skipped and (before is None or s < before)}, **local}
         if not merged:
             return None
         if choice == "best" and self.monitor is None:

@@ -65,6 +65,22 @@ def folder_error(path: str, exc: OSError) -> Exception:
     return ConfigError(f"cannot use the run folder {path}: {exc.strerror or exc}")
 
 
+def run_error(exc: OSError) -> Exception:
+    """What an OSError from the daemon's own files in the run folder means for the user: a full or
+    read-only disk (I/O: exit 74, worth retrying) or something in the way (configuration: exit 78)."""
+    where = exc.filename or "the run folder"
+    if exc.errno in _FULL + (errno.EIO,):
+        return StorageError(exc.errno, f"{where}: {exc.strerror}: free some space (or keep fewer checkpoints), "
+                                       "or check the disk, then start again")
+    if exc.errno == errno.EROFS:
+        return StorageError(exc.errno, f"{where}: the filesystem became read-only (an error on the disk? see "
+                                       "dmesg): fix and remount it, then start again")
+    if exc.errno in _READ_ONLY:
+        return ConfigError(f"{where}: {exc.strerror}; fix the run folder's owner or mode")
+    return ConfigError(f"cannot use {where}: {exc.strerror or exc}; savegame keeps only its own files there: "
+                       "move whatever is in the way, then start again")
+
+
 def open_mirror(config: RunConfig, run_dir: str) -> CheckpointStore:
     """The mirror's store. Its reachability is the start-up's business (with a deadline)."""
     remote = CheckpointStore(config["mirror"], config["storage"])
@@ -124,7 +140,11 @@ class RunLock:
 
     def _wait_for_orphans(self, seconds: float) -> None:
         holder = self._holder()
-        daemon, worker = _pid(holder.get("daemon")), _pid(holder.get("worker"))
+        daemon, worker, writer = _pid(holder.get("daemon")), _pid(holder.get("worker")), _pid(holder.get("writer"))
+        if writer is not None and process_alive(writer):
+            os.close(self.fd)
+            raise ConfigError(f"a training script run on its own (pid {writer}) is writing to {self.run_dir}; stop "
+                              "it first (Ctrl-C saves its state), then run it under `savegame run`")
         if daemon is not None and daemon != os.getpid() and process_alive(daemon):
             os.close(self.fd)
             raise ConfigError(f"another `savegame run` (pid {daemon}) already supervises {self.run_dir}; "
@@ -180,3 +200,21 @@ def run_id_of(run_dir: str) -> str:
         os.close(fd)
     os.replace(tmp, path)
     return run_id
+
+
+def lock_for_standalone_writer(run_dir: str) -> int:
+    """A training script run on its own holds the run folder's lock too, so that `savegame run` (or a
+    second script) does not start a second writer on it. The descriptor; ConfigError when it is taken."""
+    folder = os.path.join(run_dir, STATUS_DIR)
+    os.makedirs(folder, mode=0o750, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace")
+        os.close(fd)
+        raise ConfigError(f"{run_dir} is in use by another savegame process ({holder.strip() or '?'}): one writer "
+                          "per run folder; stop it, or give this script another folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"writer": os.getpid()}).encode(), 0)
+    return fd

@@ -39,6 +39,7 @@ class Startup:
         self.mirror_started = False
         self.launcher_env: dict[str, str] = {}  # added to the worker's environment (torchrun's settings)
         self._remote_wait_s = LIST_TIMEOUT_S  # shorter once local checkpoints could serve the resume
+        self._stored_layer: Optional[Layer] = None  # the run's policy as found in storage at start
 
     # -- before the first worker ------------------------------------------------------------------
 
@@ -84,7 +85,8 @@ class Startup:
         if layer is None:
             log.info("the run's policy is not stored yet: no retention until the worker reports its settings")
             return
-        self._settle([layer], "the run's stored policy")
+        self._stored_layer = layer
+        self._settle([], "the run's stored policy")
 
     def _refuse_to_mix_runs(self) -> None:
         """--resume none over an earlier run's checkpoints would put two runs in one folder."""
@@ -94,15 +96,17 @@ class Startup:
         if not steps and d.remote is not None:
             remote = d.remote
             try:
-                steps = [c.step for c in with_deadline(remote.list, self._remote_wait_s, f"listing {remote.url}")]
+                steps = [c.step for c in with_deadline(remote.list, LIST_TIMEOUT_S, f"listing {remote.url}")]
                 where = remote.url
-            except StorageError:
-                steps = []
+            except StorageError as exc:  # its retention could delete an earlier run's checkpoints there
+                raise StorageError(exc.errno or 5, f"--resume none: cannot check that the mirror {remote.url} holds "
+                                   f"no earlier run ({exc.strerror or exc}); start again once it can be read") from None
         if steps:
             shown = f"{steps[0]}..{steps[-1]}" if len(steps) > 1 else str(steps[0])
             raise ConfigError(f"{where} already holds checkpoints of an earlier run (steps {shown}); --resume none "
                               "would put two runs in one place: give a new --dir (and --mirror), or move the old "
-                              "checkpoints away, or drop --resume none to continue that run")
+                              "checkpoints away, or drop --resume none to continue that run (`resume = \"none\"` in "
+                              "a config file refuses every restart of a run: give --resume none for a one-off start)")
 
     # -- the policy -------------------------------------------------------------------------------
 
@@ -112,14 +116,18 @@ class Startup:
         self._settle([Layer("the worker's Checkpointer settings", policy)], "the worker's settings")
 
     def _settle(self, lower: list[Layer], source: str) -> None:
+        """The effective settings: the run's stored policy (lowest: what it does not say again stays as
+        stored), then `lower` (the worker's own settings), then what `savegame run` was given."""
         d = self.daemon
+        stored = [self._stored_layer] if self._stored_layer is not None else []
         try:
-            config = build_config([*lower, Layer("savegame run settings", d.settings.explicit)])
+            config = build_config([*stored, *lower, Layer("savegame run settings", d.settings.explicit)])
         except ConfigError as exc:
             log.warning("ignoring %s: %s", source, exc)
             return
         changed = config.values != self.config.values or not self.policy_known
         self.config, self.policy_known = config, True
+        d.policy = config.restart_policy()  # the script's [rollback] max counts here too
         if not changed:
             return
         d.chooser.monitor = config.monitor
@@ -141,12 +149,18 @@ class Startup:
         if d.attempt == 0 and d.settings["resume"] == "none":
             return None
         choice = "latest" if d.settings["resume"] == "none" else self.config["resume"]  # a restart continues
+        before, d.decisions.rollback_before = d.decisions.rollback_before, None
+        if before is not None:
+            choice = "latest"  # a rollback resumes from the newest checkpoint before the bad loss
         give_up_at = time.monotonic() + self.config["mirror_wait"]
         delay = 1.0
         while True:
             try:
                 with d.notifier.busy("choosing and verifying the checkpoint to resume from"):
-                    return d.chooser.choose(choice, exclude=d.set_aside)
+                    point = d.chooser.choose(choice, exclude=d.set_aside, before=before)
+                if point is not None and choice == "best":
+                    self._supersede_newer(point.info.step)
+                return point
             except MirrorUnreachable as exc:
                 if time.monotonic() + delay > give_up_at:
                     raise MirrorUnreachable(f"{exc}; gave up after waiting {self.config['mirror_wait']:g}s "
@@ -159,6 +173,28 @@ class Startup:
                 if d.pause(delay):
                     return None
                 delay = min(delay * 2, MIRROR_RETRY_MAX_S)
+
+    def _supersede_newer(self, step: int) -> None:
+        """Resuming from the best, older than the newest, starts a new timeline from it: the newer
+        checkpoints are set aside (moved to .quarantine/, locally and in the bucket; never deleted), so
+        "latest" means the new timeline and its steps are free for it."""
+        d = self.daemon
+        why = f"superseded: the run resumed from step {step} (resume = best), a new timeline from there"
+        stores = [d.local] + ([d.remote] if d.remote is not None else [])
+        for store in stores:
+            try:
+                newer = [c.step for c in with_deadline(store.list, LIST_TIMEOUT_S, f"listing {store.url}")
+                         if c.step > step]
+                for old in newer:
+                    with_deadline(lambda: store.quarantine(old, why), LIST_TIMEOUT_S, f"setting step {old} aside")
+            except StorageError as exc:
+                log.warning("cannot set aside the checkpoints after step %d in %s: %s", step, store.url, exc)
+                continue
+            if newer:
+                log.warning("set aside steps %s in %s: the run resumed from step %d (resume = best); they are kept "
+                            "in .quarantine/ (`savegame ls --json --all` lists them)", newer, store.url, step)
+                if store is d.remote and d.mirror is not None:
+                    d.mirror.forget()
 
     def log_resume(self, fallback: bool) -> None:
         d = self.daemon

@@ -115,8 +115,11 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
         f"restarts:        {', '.join(f'{k} {v}' for k, v in sorted(restarts.items())) or 'none'}",
         "last checkpoint: " + (f"step {ckpt.get('step')} ({ckpt.get('reason')}), {_age(ckpt.get('time'), now)}"
                                 if ckpt else "none yet"),
-        "last heartbeat:  " + (f"step {beat.get('step')}, {_num(beat.get('steps_per_s')):.2f} steps/s, "
-                                f"{_age(beat.get('time'), now)}" if beat else "none yet"),
+        "last heartbeat:  " + (f"step {beat.get('step')}, epoch {beat.get('epoch', '-')}, "
+                                f"{_num(beat.get('steps_per_s')):.2f} steps/s, {_age(beat.get('time'), now)}"
+                                if beat else "none yet"),
+        f"best so far:     {_best(beat)}",
+        f"policy:          {_policy(status)}",
     ]
     lines += format_ranks(status, now)
     if mirror:
@@ -125,3 +128,31 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
         if mirror.get("missing"):
             lines.append(f"                 NOT IN THE MIRROR: steps {mirror.get('missing')}")
     return "\n".join(lines)
+
+
+def _best(beat: Mapping[str, Any]) -> str:
+    monitor, best = beat.get("monitor"), beat.get("best")
+    if not isinstance(monitor, str):
+        return "- (no metric monitored)"
+    return f"{monitor} {_num(best):.4g}" if isinstance(best, (int, float)) else f"{monitor}: none yet"
+
+
+def _policy(status: Mapping[str, Any]) -> str:
+    """The effective policy in one line: regime, what "best" means, what is saved and kept."""
+    policy = _table(status, "policy")
+    if not policy:
+        return "-"
+    save, keep = _table(policy, "save"), _table(policy, "keep")
+    saves = [f"every {v} {unit}" for key, unit in (("every_steps", "steps"), ("every_epochs", "epochs"),
+                                                   ("every_seconds", "s")) if (v := save.get(key))]
+    if save.get("on_improvement") and policy.get("monitor"):
+        saves.append("on improvement")
+    kept = [f"last {keep.get('last', 0)}", f"best {keep.get('best', 0)}"]
+    if keep.get("every"):
+        kept.append(f"every {keep['every']} {keep.get('every_unit', 'step')}s")
+    if keep.get("thin"):
+        kept.append(f"{len(keep['thin'])} thinning tiers")
+    monitor = f"{policy.get('monitor')} ({policy.get('mode')})" if policy.get("monitor") else "no metric"
+    known = "" if status.get("policy_known", True) else " (not known yet: no retention runs)"
+    return (f"{policy.get('regime')}: monitor {monitor}, save {', '.join(saves) or 'at the end only'}, "
+            f"keep {', '.join(kept)}, resume {policy.get('resume')}{known}")

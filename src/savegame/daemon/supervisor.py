@@ -18,30 +18,39 @@ from typing import Any, Mapping, Optional
 from savegame import protocol
 from savegame.config import RunConfig
 from savegame.daemon import machine as m
+from savegame.daemon.decisions import Decisions
 from savegame.daemon.events import EventInbox, next_heartbeat, number
+from savegame.daemon.hang import HangWatch
 from savegame.daemon.housekeeping import Housekeeping
 from savegame.daemon.mirror import Mirror
 from savegame.daemon.output import WorkerOutput, binary_stream
-from savegame.daemon.preemption import PreemptionWatcher, notice_source
+from savegame.daemon.preemption import Notice, PreemptionWatcher, notice_source
 from savegame.daemon.process import SpawnError, WorkerProcess, become_subreaper, reap_children, worker_env
 from savegame.daemon.nodes import NodesLock, node_of
 from savegame.daemon.ranks import RankTable
 from savegame.daemon.resume import ResumeChooser, ResumePoint
-from savegame.daemon.rundir import LOCK_FILE, RunLock, open_mirror, open_run_folder, run_id_of
+from savegame.daemon.rundir import LOCK_FILE, RunLock, open_mirror, open_run_folder, run_error, run_id_of
 from savegame.daemon.sdnotify import Notifier
 from savegame.daemon.startup import Startup
 from savegame.daemon.status import STATUS_DIR
 from savegame.daemon.watcher import FolderWatcher
-from savegame.errors import ConfigError, StorageError
+from savegame.errors import ConfigError, SavegameError, StorageError
 
 log = logging.getLogger("savegame")
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
 HEARTBEAT_EVENTS = ("heartbeat", "started", "resumed", "saving", "stopping", "finished", protocol.EVENT_HELLO)
 KNOWN_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+INBOX_CHECK_S = 5.0
 
 
 def run_supervised(settings: RunConfig) -> int:
-    return Supervisor(settings).run()
+    try:
+        supervisor = Supervisor(settings)
+    except SavegameError:
+        raise
+    except OSError as exc:  # the run folder cannot hold the daemon's own files (a full disk, an odd file)
+        raise run_error(exc) from None
+    return supervisor.run()
 
 
 class Supervisor:
@@ -59,7 +68,7 @@ class Supervisor:
         self.machine = m.Machine(grace_s=settings["grace"])
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])
         self.notifier = Notifier()
-        self.inbox = EventInbox()
+        self.inbox = EventInbox(self.run_dir)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"),
                                    (self.node.file("worker.out"), self.node.file("worker.err")))
@@ -67,10 +76,12 @@ class Supervisor:
                        if self.remote else None)
         self.startup = Startup(self)
         self.house = Housekeeping(self)
+        self.hang = HangWatch(settings["hang_timeout"], settings["hang_floor"])
         self.watcher = FolderWatcher(self.run_dir, self._folder_changed)
-        self.preemption = (PreemptionWatcher(notice_source(settings["preemption"]), settings["preemption_interval"],
-                                             self._on_preemption_notice) if settings["preemption"] else None)
-        self.notices: collections.deque[str] = collections.deque()
+        self.preemption = (PreemptionWatcher(notice_source(settings["preemption"], settings["preemption_endpoint"]),
+                                             settings["preemption_interval"], self._on_preemption_notice)
+                           if settings["preemption"] else None)
+        self.notices: collections.deque[Notice] = collections.deque()
         self.worker: Optional[WorkerProcess] = None
         self.resume_point: Optional[ResumePoint] = None
         self.attempt = 0
@@ -91,9 +102,11 @@ class Supervisor:
         self.set_aside: set[int] = set()  # not to be resumed from again by this daemon
         self.mirror_missing: list[int] = []
         self.reason = ""
+        self._inbox_checked_at = time.monotonic()
         self._emergency_step: Optional[int] = None
         self._exit_reported = False
         self.progress: Optional[protocol.ProgressCell] = None
+        self.decisions = Decisions(self)
         self.house.write_status("starting")
 
     @property
@@ -104,7 +117,7 @@ class Supervisor:
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> int:
-        selector = selectors.DefaultSelector()
+        selector = self._selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ)
         selector.register(self.inbox.fileno(), selectors.EVENT_READ)
         try:
@@ -115,14 +128,17 @@ class Supervisor:
                     break
                 selector.select(self._timeout())
                 self._drain_wake_pipe()
-        except (ConfigError, StorageError) as exc:
-            self._apply(m.Aborted(str(exc.strerror if isinstance(exc, StorageError) and exc.strerror else exc)))
+        except OSError as exc:  # a config error, the disk (full, read-only), an odd file in the run folder
+            error = exc if isinstance(exc, SavegameError) else run_error(exc)
+            code = protocol.EXIT_CONFIG if isinstance(error, ConfigError) else protocol.EXIT_IO
+            self._abort(str(error.strerror if isinstance(error, StorageError) and error.strerror else error), code)
+            raise error from None
+        except ConfigError as exc:
+            self._abort(str(exc), protocol.EXIT_CONFIG)
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must still give the worker its emergency checkpoint
             log.exception("internal error: %s", exc)
-            self._emergency_exit()
-            self._apply(m.Aborted(f"internal error: {exc}"))
-            self.exit_code = protocol.EXIT_FAILED
+            self._abort(f"internal error: {exc}", protocol.EXIT_FAILED)
         finally:
             self._shutdown(selector)
         return self.exit_code
@@ -141,6 +157,7 @@ class Supervisor:
         self._perform(m.StartWorker(fallback=False))
 
     def _tick(self) -> None:
+        self._check_inbox()
         self._take_signals()
         self._take_worker_events()
         self._check_worker_exit()
@@ -150,12 +167,23 @@ class Supervisor:
             self._apply(self.events.popleft())
         self.house.tick()
 
+    def _check_inbox(self) -> None:
+        """Every few seconds: the event socket is still there (a cleaner of old files may remove it)."""
+        now = time.monotonic()
+        if now - self._inbox_checked_at < INBOX_CHECK_S:
+            return
+        self._inbox_checked_at = now
+        if self.inbox.lost():
+            self._selector.unregister(self.inbox.fileno())
+            self.inbox.rebind()
+            self._selector.register(self.inbox.fileno(), selectors.EVENT_READ)
+
     def _timeout(self) -> float:
         deadlines = list(self.timers.values())
         if self.notifier.watchdog_interval_s:
             deadlines.append(self.house.watchdog_at + self.notifier.watchdog_interval_s)
-        if self.config["hang_timeout"] and self.machine.state == m.State.RUNNING:
-            deadlines.append(self.last_event_mono + self.config["hang_timeout"])
+        if self.hang.limit_s and self.machine.state == m.State.RUNNING:
+            deadlines.append(self.last_event_mono + self.hang.limit_s)
         soonest = min(deadlines, default=time.monotonic() + 1.0)
         return max(0.0, min(soonest - time.monotonic(), 1.0))
 
@@ -199,20 +227,23 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signum in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGCHLD):
+        for signum in (*STOP_SIGNALS, signal.SIGUSR1, signal.SIGCHLD, *self.decisions.signals()):
             signal.signal(signum, lambda num, frame: self.signals.append(num))
 
-    def _on_preemption_notice(self, what: str) -> None:
-        """Called from the watcher thread: the VM is about to be taken away."""
-        self.notices.append(what)
+    def _on_preemption_notice(self, notice: Notice) -> None:
+        """Called from the watcher thread: the VM is about to be taken away, or may be."""
+        self.notices.append(notice)
         self.wake()
 
     def _take_signals(self) -> None:
         while self.notices:
-            self.events.append(m.StopRequested(self.notices.popleft()))
+            self.events.append(self.decisions.on_notice(self.notices.popleft()))
         while self.signals:
             signum = self.signals.popleft()
-            if signum in STOP_SIGNALS:
+            preemption = self.decisions.on_signal(signum)
+            if preemption is not None:
+                self.events.append(preemption)
+            elif signum in STOP_SIGNALS:
                 self.events.append(m.StopRequested(STOP_SIGNALS[signal.Signals(signum)]))
             elif signum == signal.SIGUSR1:
                 self.events.append(m.CheckpointRequested())
@@ -224,6 +255,7 @@ class Supervisor:
     def _take_worker_events(self) -> None:
         for event in self.inbox.drain(self._accept_sender):
             self.last_event_mono = time.monotonic()
+            self.hang.observe(event, self.last_event_mono)
             kind = event["event"]
             if kind == protocol.EVENT_HELLO:
                 self._on_hello(event)
@@ -238,6 +270,8 @@ class Supervisor:
                 self._note_commit(event)
             elif kind == "saving":
                 self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
+            elif kind == "interval" and isinstance(event.get("why"), str):
+                log.info("the worker saves every %.1fs now: %s", number(event, "seconds") or 0.0, event["why"][:500])
             elif kind == "bad-checkpoint":
                 log.error("the worker could not load step %s: %s", event.get("step"), str(event.get("problem"))[:500])
 
@@ -305,9 +339,10 @@ class Supervisor:
         launcher = bool(senders) and self.worker.pid not in senders  # torchrun (or a wrapper), not a rank itself
         meant, note = self.ranks.translate(code, launcher) if signum is None else (code, "")
         step = self.progress.read() if self.progress else None
-        self.events.append(m.WorkerExited(meant, signum, step, self.loaded_step,
-                                          emergency_saved=self.emergency_saved,
-                                          note=f"{note}; the launcher exited {code}" if note else ""))
+        self.events.append(m.WorkerExited(meant, signum, step, self.loaded_step, emergency_saved=self.emergency_saved,
+                                          trained=bool(self.announced),
+                                          note=f"{note}; the launcher exited {code}" if note else "",
+                                          **self.decisions.worker_exited(meant, step)))
         self.house.collect_garbage()  # a dead worker's half-written checkpoint
         self.timers.pop("grace", None)
         self.timers.pop("dump", None)
@@ -322,7 +357,7 @@ class Supervisor:
                                     "backoff": m.BackoffOver()}[name])
 
     def _check_hang(self) -> None:
-        limit = self.config["hang_timeout"]
+        limit = self.hang.limit_s
         silent = time.monotonic() - self.last_event_mono
         if limit and self.machine.state == m.State.RUNNING and silent >= limit:
             self.events.append(m.HangDetected(silent))
@@ -333,6 +368,7 @@ class Supervisor:
     def _apply(self, event: m.Event) -> None:
         t = m.transition(self.machine, event, time.monotonic(), self.policy)
         before, was_stopping = self.machine.state, self.machine.stopping
+        self.decisions.transitioned(event, self.machine, t.machine)
         self.machine = t.machine
         if t.machine.state != before:
             level = logging.ERROR if t.machine.state == m.State.FAILED else logging.INFO
@@ -363,8 +399,12 @@ class Supervisor:
             else:
                 log.error("setting step %d aside for this run: the worker kept dying right after loading it "
                           "(it stays on disk, verified; a later start may use it again)", step)
+        elif isinstance(action, m.RollBack):
+            self.decisions.roll_back(action.before_step)
         elif isinstance(action, m.Finish):
             self._finish(action.exit_code)
+        elif isinstance(action, m.Requeue) and self.exit_code is not None:
+            self.exit_code = self.decisions.requeue(self.exit_code)
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -399,9 +439,11 @@ class Supervisor:
         env.update(self.startup.launcher_env)
         if self._stop_pending():
             return  # a stop arrived while preparing: the StopRequested event ends the run
+        env = self.decisions.worker_env(env)
         try:
             self.worker = WorkerProcess(self.config["command"], env, keep_fds=self._inherited_fds(),
-                                        stdout=self.output.fds[0], stderr=self.output.fds[1])
+                                        stdout=self.output.fds[0], stderr=self.output.fds[1],
+                                        oom_score_adj=self.config["worker_oom_score_adj"])
         except SpawnError as exc:
             self.events.append(m.SpawnFailed(str(exc.strerror), config_error=False))
             return
@@ -412,6 +454,7 @@ class Supervisor:
         self.ranks.reset()
         self.resume_superseded = self.emergency_saved = False
         self.last_event_mono = time.monotonic()
+        self.hang.new_worker()
         self.events.append(m.Spawned(self.worker.pid))
         if self.attempt == 1:
             self.notifier.ready(f"running: worker pid {self.worker.pid}")
@@ -419,6 +462,7 @@ class Supervisor:
     def _finish(self, code: int) -> None:
         if self.mirror and self.startup.mirror_started:
             code = self._flush_mirror(code)
+        self.decisions.approve()
         self.exit_code = code
 
     def _flush_mirror(self, code: int) -> int:
@@ -442,6 +486,11 @@ class Supervisor:
         log.error("%s", message)
         self.notifier.status(message)
         return protocol.EXIT_IO if code == protocol.EXIT_OK else code
+
+    def _abort(self, reason: str, code: int) -> None:
+        """The daemon cannot go on: the worker gets its emergency checkpoint, the mirror its flush."""
+        self._emergency_exit()
+        self._apply(m.Aborted(reason, code))
 
     def _emergency_exit(self) -> None:
         """The daemon itself failed: give the worker its emergency checkpoint before going."""

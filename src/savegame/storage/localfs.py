@@ -162,19 +162,45 @@ def check_run_folder(path: str) -> None:
         raise ConfigError(f"run folder {shown} can be written by {'group and others' if target.st_mode & 0o002 else 'its group'} "
                           f"(mode {stat.S_IMODE(target.st_mode):04o}), who could plant links or fake checkpoints "
                           f"in it; fix it with: chmod go-w {path}")
+    _check_parents(os.path.realpath(path), me)
     _check_own_subfolders(path)
 
 
+def _check_parents(real: str, me: int) -> None:
+    """Whoever may rename an entry of a parent folder may swap the run folder for a link to another
+    one, under a running daemon. So every parent must belong to root or to us, and be writable by
+    nobody else, unless it is sticky (like /tmp: there only an entry's owner may rename it)."""
+    parent = os.path.dirname(real)
+    while True:
+        try:
+            info = os.stat(parent)
+        except OSError as exc:
+            raise ConfigError(f"cannot inspect {parent}, a parent of the run folder ({exc.strerror})") from None
+        writable = info.st_mode & 0o002 or (info.st_mode & 0o020 and not _private_group(info.st_gid, me))
+        if info.st_uid not in (0, me) or (writable and not info.st_mode & stat.S_ISVTX):
+            who = _owner(info.st_uid)
+            raise ConfigError(f"the run folder's parent {parent} belongs to {who} or can be written by others "
+                              f"(mode {stat.S_IMODE(info.st_mode):04o}): they could swap the run folder for a link "
+                              "to another one while it runs; put the run folder under a folder of your own "
+                              "(e.g. ~/runs or /var/lib/savegame)")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
 def _private_group(gid: int, uid: int) -> bool:
-    """A user-private group (the user's own primary group, with no other members, as Debian and Ubuntu
-    make them with umask 002): writable by the group is writable by the user alone."""
+    """A user-private group (the user's own primary group, as Debian and Ubuntu make them with umask
+    002): no other user has it as a primary group or is listed in it, so writable by the group is
+    writable by the user alone."""
     import grp
 
     try:
         group, user = grp.getgrgid(gid), pwd.getpwuid(uid)
     except KeyError:
         return False
-    return user.pw_gid == gid and not [m for m in group.gr_mem if m != user.pw_name]
+    if user.pw_gid != gid or [m for m in group.gr_mem if m != user.pw_name]:
+        return False
+    return not any(other.pw_gid == gid and other.pw_uid != uid for other in pwd.getpwall())
 
 
 def _check_own_subfolders(path: str) -> None:

@@ -51,7 +51,10 @@ def _credentials_end(protocol: str, rest: str) -> int | None:
 
 def redact(url: str) -> str:
     """The URL with what may be a secret hidden (userinfo in any spelling, the query string and the
-    fragment: tokens, SAS and presigned signatures), safe to log. A local path is left as it is."""
+    fragment: tokens, SAS and presigned signatures), safe to log. A local path is left as it is.
+    An fsspec chain (`simplecache::s3://...`) is redacted link by link."""
+    if "::" in url:
+        return "::".join(redact(link) for link in url.split("::"))
     parts = _spelling(url)
     if parts is None:
         return url
@@ -101,6 +104,9 @@ def parse_location(url: str, storage_options: Mapping[str, Any] | None = None) -
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("the checkpoint location is empty; give a folder or a URL like s3://bucket/run")
     url = url.strip()
+    if "::" in url:  # fsspec's chains (simplecache::s3://...) cache remote files locally: not for checkpoints
+        raise ConfigError(f"{redact(url)!r}: chained URLs (with '::') are not supported for checkpoints; give the "
+                          "plain URL (e.g. s3://bucket/run): savegame verifies and caches what it needs itself")
     spelled = _spelling(url)
     if spelled is not None and spelled[1] != "://":
         protocol, _, rest = spelled

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import errno
 import time
+import uuid
 from typing import Any, BinaryIO, Iterator
 
 from savegame.errors import CheckpointExists
-from savegame.storage.backends import FolderEntry, Sink, Staging, StagingEntry
+from savegame.storage.backends import QUARANTINE_DIR, FolderEntry, Sink, Staging, StagingEntry
 from savegame.storage.location import Location, open_filesystem
 from savegame.storage.manifest import MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder
 from savegame.storage.manifestcache import ManifestCache
+from savegame.storage.manifestindex import (INDEX_PATH, MIN_INDEXED_READS, Entries, confirmed, parse_index,
+                                            render_index)
 from savegame.storage.objectclaim import release_claim, take_claim
 from savegame.storage.objectread import read_small_objects
 
@@ -79,6 +82,8 @@ class ObjectBackend:
         self.fs = open_filesystem(location)
         self.root = self.fs._strip_protocol(f"{location.protocol}://{location.path}").rstrip("/")
         self._cache = ManifestCache(f"{location.protocol}://{self.root}")
+        self._manifests: Entries = {}  # what the last scan read: folder name -> (ETag, manifest bytes)
+        self._index_written: bytes | None = None
 
     def full(self, relpath: str) -> str:
         return f"{self.root}/{relpath}"
@@ -123,8 +128,14 @@ class ObjectBackend:
     def scan(self) -> list[FolderEntry]:
         folders: dict[str, dict[str, Any]] = {}
         tags: dict[str, str] = {}  # manifest path -> its ETag in the listing
+        indexed = False
+        aside: set[str] = set()
         for rel, info in self._walk_files():
+            indexed = indexed or rel == INDEX_PATH
             name, _, inner = rel.partition("/")
+            if name == QUARANTINE_DIR and inner:
+                aside.add(inner.split("/", 1)[0])
+                continue
             if not inner or step_of_folder(name) is None:
                 continue
             seen = folders.setdefault(name, {"files": {}, "modified": 0.0})
@@ -132,16 +143,43 @@ class ObjectBackend:
             seen["modified"] = max(seen["modified"], _info_mtime(info))
             if inner == MANIFEST_NAME and _size_ok(info.get("size")):
                 tags[self.full(rel)] = str(info.get("ETag") or info.get("etag") or "")
-        contents = self._read_manifests(tags)
+        contents = self._read_manifests(tags, indexed)
+        self._manifests = {self._folder_of(p): (tags[p], data) for p, data in contents.items()
+                           if isinstance(data, bytes) and tags[p]}
+        moved = [FolderEntry(f"{QUARANTINE_DIR}/{n}", step_of_folder(n.split(".")[0]) or 0, None, None, False, True,
+                             None) for n in sorted(aside) if step_of_folder(n.split(".")[0]) is not None]
         return [self._entry(name, seen, contents.get(self.full(f"{name}/{MANIFEST_NAME}")))
-                for name, seen in folders.items()]
+                for name, seen in folders.items()] + moved
 
-    def _read_manifests(self, tags: dict[str, str]) -> dict[str, bytes | BaseException]:
-        """Each listed manifest: from the cache when its ETag matches, else one GET (concurrently)."""
+    def _read_manifests(self, tags: dict[str, str], indexed: bool) -> dict[str, bytes | BaseException]:
+        """Each listed manifest: from the cache when its ETag matches, else from the bucket's index
+        (when there are many to read and it confirms them), else one GET (concurrently)."""
         cached = self._cache.lookup(tags)
-        read = read_small_objects(self.fs, [p for p in tags if p not in cached])
-        self._cache.update({p: (tags[p], data) for p, data in read.items() if isinstance(data, bytes)}, tags)
-        return {**read, **cached}
+        wanted = {p: etag for p, etag in tags.items() if p not in cached}
+        from_index = self._from_index(wanted) if indexed and len(wanted) >= MIN_INDEXED_READS else {}
+        read = read_small_objects(self.fs, [p for p in wanted if p not in from_index])
+        fresh = {p: (tags[p], data) for p, data in {**read, **from_index}.items() if isinstance(data, bytes)}
+        self._cache.update(fresh, tags)
+        return {**read, **from_index, **cached}
+
+    def _from_index(self, wanted: dict[str, str]) -> dict[str, bytes]:
+        raw = read_small_objects(self.fs, [self.full(INDEX_PATH)]).get(self.full(INDEX_PATH))
+        entries = parse_index(raw if isinstance(raw, bytes) else None)
+        found = confirmed(entries, {self._folder_of(path): etag for path, etag in wanted.items()})
+        return {self.full(f"{name}/{MANIFEST_NAME}"): data for name, data in found.items()}
+
+    def _folder_of(self, path: str) -> str:
+        return path[len(self.root) + 1:].split("/", 1)[0]
+
+    def write_index(self) -> bool:
+        """Rewrite the manifest index from a fresh listing; False when it would say what it says."""
+        self.scan()
+        data = render_index(self._manifests)
+        if data == self._index_written:
+            return False
+        self.fs.pipe_file(self.full(INDEX_PATH), data)
+        self._index_written = data
+        return True
 
     def _entry(self, name: str, seen: dict[str, Any], raw: bytes | BaseException | None) -> FolderEntry:
         step, quarantined = step_of_folder(name) or 0, QUARANTINE_NAME in seen["files"]
@@ -225,8 +263,16 @@ class ObjectBackend:
         self.fs.invalidate_cache(self.root)
 
     def quarantine(self, name: str, data: bytes) -> None:
-        """Object stores cannot rename cheaply: a marker file takes the folder out of the listing."""
+        """A marker takes the folder out of the listing at once; then a server-side copy moves it under
+        .quarantine/ and the original goes (manifest first), so its step is free for a good copy, as on
+        local disk. A copy that fails leaves the marked folder where it is: still out of the listing."""
         self.fs.pipe_file(self.full(f"{name}/{QUARANTINE_NAME}"), data)
+        aside = f"{QUARANTINE_DIR}/{name}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:6]}"
+        try:
+            self.fs.copy(self.full(name), self.full(aside), recursive=True)
+        except Exception:  # noqa: BLE001 - best effort: the marker already did what matters
+            return
+        self.remove_folder(name)
 
     def list_staging(self) -> list[StagingEntry]:
         """Object stores stage under the final name: leftovers are folders without a manifest (scan)."""

@@ -38,7 +38,8 @@ def valid_pid(pid: object) -> bool:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (False for anything that is not a pid)."""
+    """Whether a process with this id runs on this host (False for anything that is not a pid, and
+    for a zombie: a process killed but not yet reaped by its parent is gone for every purpose here)."""
     if not valid_pid(pid):
         return False
     try:
@@ -46,5 +47,15 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, under another user
-    return True
+        pass  # it exists, under another user
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read(4096)
+    except OSError:
+        return False  # no /proc (not Linux): kill(0) is all we know
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return bool(fields) and fields[0] in (b"Z", b"X")

@@ -81,6 +81,12 @@ class CheckpointStore:
             return Problem(entry.name, entry.step, f"manifest says step {manifest.step}, folder says {entry.step}")
         return CheckpointInfo(manifest, entry.name, self.path_of(entry.name))
 
+    def write_index(self) -> bool:
+        """Object stores: rewrite the manifest index (storage/manifestindex.py) from a fresh listing, so
+        cold listings read one object; True when it changed. Local folders have none (False)."""
+        with mapped_errors(f"{self.url}: cannot write the manifest index"):
+            return self._backend.write_index() if not self.is_local else False
+
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest step first. Reads manifests only, never payloads."""
         return self.scan().committed

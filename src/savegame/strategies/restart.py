@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
-Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint", "spawn", "save-failed"]
+Cause = Literal["crash", "killed", "hang", "preempted", "bad-checkpoint", "spawn", "save-failed", "rollback"]
 FAILURE_CAUSES = ("crash", "killed", "hang", "bad-checkpoint", "spawn", "save-failed")
 
 
@@ -37,6 +37,7 @@ class RestartPolicy:
     backoff_max_s: float = 60.0
     backoff_factor: float = 2.0
     same_step_limit: int = 3
+    max_rollbacks: int = 3  # NaN/spike rollbacks per run ([rollback] max); one more gives up
 
 
 @dataclass(frozen=True)

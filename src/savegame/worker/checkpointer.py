@@ -17,10 +17,11 @@ background. Without a daemon it also applies retention itself.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
-from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional
+from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional, Union
 
 from savegame import protocol
 from savegame.config import explicit_for_worker
@@ -28,13 +29,17 @@ from savegame.errors import ConfigError, CorruptCheckpoint, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
+from savegame.worker.cadence import AutoCadence
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
 from savegame.worker import exits
-from savegame.worker.exits import exit_config, exit_io, say, say_now
+from savegame.worker.exits import exit_config, exit_io, protect_output, say, say_now
+from savegame.worker.guard import LossGuard
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
+from savegame.worker.narrate import Narrator
 from savegame.worker.progress import Progress, rng_state, set_rng_state
 from savegame.worker.registry import make_adapter
+from savegame.worker.rollback import batches_to_skip, roll_back
 from savegame.worker.settings import choose_dir, load_config, positive_int, resume_sources, stored_policy
 from savegame.worker.signals import StopRequests
 from savegame.worker.writer import BackgroundWriter, SaveJob
@@ -47,18 +52,22 @@ __all__ = ["Checkpointer", "HEARTBEAT_INTERVAL_S"]
 class Checkpointer:
     def __init__(self, dir: Optional[str] = None, *, monitor: Optional[str] = None, mode: str = "auto",
                  regime: Optional[str] = None, every_steps: Optional[int] = None,
-                 every_epochs: Optional[int] = None, every_seconds: Optional[float] = None,
+                 every_epochs: Optional[int] = None, every_seconds: Optional[Union[float, str]] = None,
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
                  min_delta: Optional[float] = None, framework: Optional[str] = None,
                  handle_signals: bool = True, initial_best: Optional[float] = None,
-                 steps_per_epoch: Optional[int] = None) -> None:
+                 steps_per_epoch: Optional[int] = None, verbose: int = 1,
+                 defaults: Optional[Mapping[str, Any]] = None,
+                 rollback: Optional[Mapping[str, Any]] = None) -> None:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
         exits.on_exit = lambda code, line: self._link.send("exiting", code=code, error=line[:500])
+        if self.supervised:
+            protect_output()  # a full disk under the daemon's output files must not kill training
         try:
             self.dir = choose_dir(dir)
             stored = stored_policy(self.dir, self.supervised)
-            self.config = load_config(locals(), stored)
+            self.config = load_config(locals(), stored, defaults)
             # Steps per epoch, when known (batches() takes it from len(loader)). Without it a periodic
             # save due at a step that may end the epoch waits for the next boundary (see _defer).
             self.epoch_length: Optional[int] = positive_int("steps_per_epoch", steps_per_epoch)
@@ -73,11 +82,16 @@ class Checkpointer:
         self._framework = framework
         self._adapter: Optional[Adapter] = None
         self._schedule = self.config.schedule()
+        self._guard = LossGuard(self.config.rollback_rule(), batches_to_skip(self.dir))
+        self._cadence = (AutoCadence(self.config["save"]["mtbf_prior"], self._interval_changed)
+                         if self.config.auto_interval else None)
         self._initial_best = initial_best  # a best to beat before anything counts as "best" (Keras' initial_value_threshold)
         self._history = History(last_time=time.monotonic(), best=initial_best)
         self._requests = StopRequests()
+        self.narrator = Narrator(verbose)
         self._handle_signals = handle_signals
         self._training = False  # signals are taken over at the first training call, not before
+        self._lock_fd: Optional[int] = None  # the run folder's lock, held while training on its own
         if not self.supervised:  # at a terminal: say at once what Ctrl-C does
             self._requests.on_interrupt = lambda: say_now("interrupted: saving a checkpoint at the next step; "
                                                           "press Ctrl-C again to quit at once")
@@ -139,6 +153,8 @@ class Checkpointer:
                 log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
                 continue
             log.info("resumed from step %d (epoch %d, %s) at %s", info.step, info.epoch, info.reason, info.path)
+            self.narrator.resumed(info.step, self.progress.epoch, self.progress.batch_in_epoch,
+                                  self._monitor_name, self.best)
             self._report("resumed", policy=explicit_for_worker(self.config))
             return info
         if getattr(self._adapter, "live_state_damaged", False):
@@ -156,6 +172,9 @@ class Checkpointer:
         self.progress = Progress.from_json(core["progress"])
         self.state = decode(core.get("user", {"__dict__": {}}), _no_tensors)
         best = core.get("history", {}).get("best")
+        self._guard.load(core.get("history", {}).get("losses"))
+        if self._cadence is not None:
+            self._cadence.load(core.get("history", {}).get("save_cost"))
         monitor = self.config.monitor
         if self._initial_best is not None and monitor and is_better(self._initial_best, best, monitor[1]):
             best = self._initial_best
@@ -176,9 +195,23 @@ class Checkpointer:
         self._training = True
         handles = self._requests.install() if self._handle_signals else []
         if self.supervised:
-            self._link.hello(handles)
+            self._link.hello(handles)  # the daemon's lock, inherited, keeps other writers off the folder
         else:
+            self._lock_fd = self._lock_folder()
             self._store_policy()
+        if self._cadence is not None:
+            self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
+
+    def _lock_folder(self) -> Optional[int]:
+        """One writer per run folder: on its own, the script holds the folder's lock while it trains."""
+        if not self.store.is_local:
+            return None
+        from savegame.daemon.rundir import lock_for_standalone_writer
+
+        try:
+            return lock_for_standalone_writer(self.store.location.path)
+        except ConfigError as exc:
+            exit_config(exc)
 
     def _store_policy(self) -> None:
         """On its own, the run's policy goes with its checkpoints, for `ls`, `prune`, `restore --best`
@@ -216,6 +249,8 @@ class Checkpointer:
         for _ in range(skip - skipped):
             next(iterator)  # a loader we cannot fast-forward: consume the batches already trained
         for batch in iterator:
+            if self.skip_batch():
+                continue
             yield batch
             self.step()
 
@@ -234,10 +269,13 @@ class Checkpointer:
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
         self.metrics = {k: float(v) for k, v in metrics.items()}
+        if self._monitor_name and self._monitor_name not in self.metrics:
+            self.narrator.missing_metric(self._monitor_name, self.progress.epoch, self.metrics)
         self._boundary(Moment(self.progress.step, self.progress.epoch, time.monotonic(), True, self.metrics))
 
     def _boundary(self, moment: Moment) -> None:
         self._link.boundary(moment.step)
+        self._check_loss()
         if self._link.gone and not self._requests.stop:  # killed (-9): nobody would stop or restart this worker
             log.error("the daemon is gone (nobody reads %s): saving an emergency checkpoint and exiting 75; "
                       "`savegame run` resumes from it", self._link.address)
@@ -250,9 +288,13 @@ class Checkpointer:
                                         else self._schedule.due(moment, self._history))
         reason = self._defer(reason, moment)
         monitor = self.config.monitor
+        before = self._history.best
         # Update the history first: the checkpoint saved here must hold this boundary's best value.
         self._history = next_history(self._history, moment, stop or bool(reason), *(monitor or (None, "max")),
                                      self.config["save"]["min_delta"])
+        if moment.at_epoch_end:
+            self.narrator.epoch_end(moment.epoch, self._monitor_name, before, self._history.best,
+                                    (moment.step, reason) if reason and not stop else None)
         if stop:
             self._stop(moment)
         if reason:
@@ -284,19 +326,45 @@ class Checkpointer:
         """
         return self._link.keepalive(activity)
 
+    def report(self, loss: Any) -> None:
+        """The training loss of the batch being trained (call it before step()). With `[rollback]` on,
+        a NaN/inf loss or a spike rolls the run back at the next boundary, before anything is saved."""
+        self._guard.report(loss, self.progress.step, self.progress.epoch, self.progress.batch_in_epoch)
+
+    def skip_batch(self) -> bool:
+        """For loops that fetch their own data: True when the batch at this position produced an
+        anomaly earlier and is to be stepped over (then it counts as consumed, not as a step)."""
+        if not self._guard.skips(self.progress.epoch, self.progress.batch_in_epoch):
+            return False
+        log.warning("skipping batch %d of epoch %d: it made the loss go bad before", self.progress.batch_in_epoch,
+                    self.progress.epoch)
+        self.progress.batch_in_epoch += 1
+        return True
+
     @property
     def best(self) -> Optional[float]:
         """The best value of the monitored metric so far (survives resumes)."""
         return self._history.best
 
     @property
+    def _monitor_name(self) -> Optional[str]:
+        return self.config.monitor[0] if self.config.monitor else None
+
+    @property
     def should_stop(self) -> bool:
+        """True once a stop was requested (SIGTERM, Ctrl-C): a loop that does not go through step()
+        may check it, save and exit 75 itself."""
         return self._requests.stop
 
     # -- saving ---------------------------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Block until the save in flight (if any) is committed or has failed."""
+        self._writer.wait()
+
     def save(self, reason: str = "manual", wait: bool = False) -> None:
         """Save now (at a step boundary). `wait=True` returns only once it is committed."""
+        self._check_loss()
         self._save(reason, self.metrics if self.progress.batch_in_epoch == 0 else {})
         if wait:
             self._writer.wait()
@@ -318,21 +386,41 @@ class Checkpointer:
                     f"on without a way back: {self._commits.error}")
         self._deferred = None  # whatever was put off is in this save
         capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
+        started = time.monotonic()
         capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
                                     self.framework, self.run_id, self.resumed_from))
         if capture.fill is not None:
             capture.fill()  # the copy, while the writer already writes what is copied
+        if self._cadence is not None and not in_place:  # emergency and final saves wait for the disk on purpose
+            self._reschedule(self._cadence.measured(time.monotonic() - started, self._writer.last_persist_s))
+
+    def _check_loss(self) -> None:
+        """A bad loss was reported: roll back before this state can be saved (exits 76)."""
+        if self._guard.pending is not None:
+            roll_back(self, self._guard.pending)
+
+    def _reschedule(self, seconds: Optional[float]) -> None:
+        if seconds is not None:
+            self._schedule = self.config.schedule(auto_seconds=seconds)
+
+    def _interval_changed(self, interval: Any) -> None:
+        log.info("save interval: %.1fs: %s", interval.seconds, interval.why)
+        self._link.send("interval", seconds=interval.seconds, why=interval.why)
 
     def _core_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "progress": self.progress.to_json(), "rng": rng_state(),
                 "user": Encoder(lambda _: False).encode(self.state, "user"),
-                "history": {"best": self._history.best}, "uses_epochs": self.uses_epochs}
+                "history": {"best": self._history.best, "losses": self._guard.state(),
+                            "save_cost": self._cadence.state() if self._cadence else None},
+                "uses_epochs": self.uses_epochs}
 
     def _committed(self, info: CheckpointInfo) -> None:
         if not self.supervised and getattr(getattr(self._adapter, "job", None), "rank", 0) == 0:
-            # the daemon applies retention to what it supervises; of a job's ranks, rank 0 does
-            apply_retention(self.store, self.config, self.resumed_from)
+            # the daemon applies retention to what it supervises; of a job's ranks, rank 0 does.
+            # The resume source is protected until a newer checkpoint stands in for it.
+            superseded = self.resumed_from is not None and info.step > self.resumed_from
+            apply_retention(self.store, self.config, None if superseded else self.resumed_from)
 
     # -- stopping -------------------------------------------------------------------------------
 
@@ -340,6 +428,7 @@ class Checkpointer:
         """Emergency: commit this step's state (unless it already is), then exit 75."""
         self._link.send("saving", step=moment.step, reason="emergency")
         self._commit_now("emergency", moment.metrics if moment.at_epoch_end else {})
+        self.narrator.saved(moment.step, "emergency")
         # "agreed": another rank of the job (maybe on another node) asked, not this one
         self._report("stopping", why="requested" if self._requests.stop else "agreed")
         self._leave_job()
@@ -353,6 +442,7 @@ class Checkpointer:
         cannot be committed (a full disk) ends the process with exit 74, not a silent success."""
         if self._agreement is not None:
             self._agreement.drain()
+        self._check_loss()
         self._commit_now("final", self.metrics)
         self._report("finished")
         self._leave_job()
@@ -380,9 +470,14 @@ class Checkpointer:
         self._writer.close()
         self._requests.restore()
         self._link.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the folder is free for the next writer
+            self._lock_fd = None
 
     def _status(self) -> dict[str, Any]:
-        return {"step": self.progress.step, "epoch": self.progress.epoch, "resumed_from": self.resumed_from}
+        best = self._history.best
+        return {"step": self.progress.step, "epoch": self.progress.epoch, "resumed_from": self.resumed_from,
+                "monitor": self._monitor_name, "best": best if best is not None and math.isfinite(best) else None}
 
     def _report(self, event: str, **extra: Any) -> None:
         self._link.report(event, **extra)

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Callable, Optional
 
 from savegame.config import RunConfig
-from savegame.errors import CheckpointExists
+from savegame.errors import CheckpointExists, StorageError
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import plan_retention
 from savegame.worker.link import DaemonLink
@@ -48,7 +48,14 @@ class Commits:
 def apply_retention(store: CheckpointStore, config: RunConfig, resumed_from: Optional[int]) -> None:
     """Without a daemon the worker keeps what the policy says (never its resume source)."""
     protected = {resumed_from: "resume source"} if resumed_from is not None else {}
-    plan = plan_retention(store.list(), config.retention(), datetime.now(timezone.utc),
-                          monitor=config.monitor, protected=protected)  # type: ignore[arg-type]
+    try:
+        plan = plan_retention(store.list(), config.retention(), datetime.now(timezone.utc),
+                              monitor=config.monitor, protected=protected)  # type: ignore[arg-type]
+    except StorageError as exc:
+        log.warning("retention skipped: %s", exc)
+        return
     for step in plan.delete:
-        store.delete(step)
+        try:
+            store.delete(step)
+        except StorageError as exc:  # deleted meanwhile by `savegame prune`, say: retention is not training
+            log.warning("retention: cannot delete step %d: %s", step, exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from savegame import protocol
 from savegame.errors import ConfigError
@@ -24,8 +24,56 @@ def _report(code: int, line: str) -> None:
 
 
 def say(line: str) -> None:
-    """One line for the person at the terminal (or the daemon's log)."""
-    print(f"savegame: {line}", file=sys.stderr, flush=True)
+    """One line for the person at the terminal (or the daemon's log); never fails (a full disk, a
+    terminal that is gone must not turn a clean exit into a crash)."""
+    try:
+        print(f"savegame: {line}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+class TolerantStream:
+    """sys.stdout / sys.stderr for a supervised worker: writes that fail because the output cannot
+    take them (a full disk, EIO, a closed pipe) are dropped instead of killing the training. The
+    output is the daemon's business (it forwards and keeps it); training must go on without it."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            self.dropped += len(text)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def protect_output() -> None:
+    """Wrap sys.stdout and sys.stderr in TolerantStream (once)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, TolerantStream):
+            setattr(sys, name, TolerantStream(stream))
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, line: str) -> None:
+    """A warning said once per process (e.g. about the data loader, at each resume it would repeat)."""
+    if key not in _warned:
+        _warned.add(key)
+        say(f"warning: {line}")
 
 
 def say_now(line: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from savegame import protocol
 
-HEARTBEAT_INTERVAL_S = 0.5
+HEARTBEAT_INTERVAL_S = protocol.HEARTBEAT_INTERVAL_S
 
 
 class DaemonLink:
@@ -36,8 +36,15 @@ class DaemonLink:
 
     @property
     def gone(self) -> bool:
-        """The daemon stopped listening (it died): nobody will restart or stop this worker."""
-        return self._events.peer_gone
+        """The daemon stopped listening (it died): nobody will restart or stop this worker. A missing
+        socket file alone is not enough (a cleaner may have removed it; the daemon binds it again):
+        then the daemon's own process must be gone too."""
+        if self._events.peer_gone:
+            return True
+        if self._events.peer_missing:
+            self._events.peer_missing = False
+            return not _daemon_alive()
+        return False
 
     def send(self, event: str, **fields: Any) -> None:
         self._events.send(event, **fields)
@@ -108,3 +115,10 @@ def process_rank() -> tuple[int, int]:
     rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")  # torchrun's, before init
     return (int(rank), int(world)) if rank.isdigit() and world.isdigit() else (0, 1)
 
+
+
+def _daemon_alive() -> bool:
+    from savegame.storage.pids import parse_pid, process_alive
+
+    pid = parse_pid(os.environ.get("SAVEGAME_DAEMON_PID", ""))
+    return pid is None or process_alive(pid)  # without the variable, assume it lives (never a false stop)

@@ -27,17 +27,22 @@ def choose_dir(given: Optional[str]) -> str:
     return given or env_dir or "./checkpoints"
 
 
-def load_config(args: Mapping[str, Any], stored: Optional[Layer] = None) -> RunConfig:
-    """Checkpointer(...)'s arguments over the run's stored policy (run on its own), under the daemon's
-    settings ($SAVEGAME_CONFIG) when supervised."""
+def load_config(args: Mapping[str, Any], stored: Optional[Layer] = None,
+                defaults: Optional[Mapping[str, Any]] = None) -> RunConfig:
+    """Checkpointer(...)'s arguments over its defaults (an adapter's: dropped when a higher layer
+    chooses a regime) over the run's stored policy (run on its own), under the daemon's settings
+    ($SAVEGAME_CONFIG) when supervised."""
     script: dict[str, Any] = {k: args[k] for k in ("monitor", "regime") if args[k] is not None}
     if args["monitor"] is not None:
         script["mode"] = args["mode"]
     save = {k: args[k] for k in ("every_steps", "every_epochs", "every_seconds", "min_delta") if args[k] is not None}
     keep = {name: args[f"keep_{name}"] for name in ("last", "best") if args[f"keep_{name}"] is not None}
     layers = [] if stored is None else [stored]
+    if defaults:
+        layers.append(Layer("the script's defaults", dict(defaults), default=True))
     layers.append(Layer("Checkpointer(...)", {**script, **({"save": save} if save else {}),
-                                              **({"keep": keep} if keep else {})}))
+                                              **({"keep": keep} if keep else {}),
+                                              **({"rollback": dict(args["rollback"])} if args.get("rollback") else {})}))
     config_path = os.environ.get(protocol.ENV_CONFIG)
     if config_path:
         try:

@@ -7,6 +7,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -196,6 +197,7 @@ class BackgroundWriter:
                                         initializer=_yield_to_training)
         self._inflight: Optional[Future[None]] = None
         self.inflight_step: Optional[int] = None
+        self.last_persist_s: Optional[float] = None  # submit -> commit of the last save that committed
 
     def wait(self) -> None:
         if self._inflight is not None:
@@ -206,14 +208,15 @@ class BackgroundWriter:
     def submit(self, job: SaveJob) -> None:
         self.wait()
         self.inflight_step = job.step
-        self._inflight = self._pool.submit(self._run, job)
+        self._inflight = self._pool.submit(self._run, job, time.monotonic())
 
-    def _run(self, job: SaveJob) -> None:
+    def _run(self, job: SaveJob, submitted: float) -> None:
         try:
             info = write_checkpoint(self._store, job)
         except BaseException as exc:  # reported to the training thread through on_done
             self._on_done(job, None, exc)
             return
+        self.last_persist_s = time.monotonic() - submitted
         self._on_done(job, info, None)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import keras
 import numpy as np
@@ -34,10 +34,14 @@ class SavegameCallback(keras.callbacks.Callback):
 
     - monitor, mode ("auto": max for accuracy-like names), min_delta, initial_value_threshold: when a
       checkpoint counts as the best; the best value survives resumes.
-    - save_freq: "epoch" or a number of batches. save_best_only=True keeps the best and the newest
-      checkpoint (the newest is what a restart resumes from); False keeps what the retention says.
+    - save_freq: "epoch" or a number of batches (default: every epoch, unless a regime is chosen).
+      save_best_only=True keeps the best and the newest checkpoint (the newest is what a restart
+      resumes from) unless a regime is chosen; False keeps what the retention says.
+    - verbose: 0 warnings only, 1 resumes and improvements (default), 2 every save.
     - save_weights_only: `model.weights.h5` instead of `model.keras` in each checkpoint.
     - data: the ResumableBatches given to fit; without it a mid-epoch resume restarts that epoch.
+    - rollback: e.g. {"on": ["nan", "spike"]}: the batch loss Keras logs is watched, and a bad one
+      rolls the run back (see [rollback]); fit cannot step over a batch, so skip_batches does not apply.
     On SIGTERM it saves at the next batch end and exits 75; SIGUSR1 saves and goes on. Put it last
     in the callback list so the state it saves includes what the other callbacks did to the model.
     """
@@ -47,18 +51,23 @@ class SavegameCallback(keras.callbacks.Callback):
                  save_freq: Union[str, int, None] = None, initial_value_threshold: Optional[float] = None,
                  data: Optional[ResumableBatches] = None, regime: Optional[str] = None,
                  keep_last: Optional[int] = None, keep_best: Optional[int] = None,
-                 every_seconds: Optional[float] = None) -> None:
+                 every_seconds: Optional[float] = None, verbose: int = 1,
+                 rollback: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__()
-        every_steps, every_epochs = _schedule(save_freq, regime)
+        every_steps, every_epochs = _schedule(save_freq)
+        # ModelCheckpoint's habits (save every epoch; save_best_only: keep the best and the newest) are
+        # defaults: a regime chosen by the script, the config or `savegame run --regime` replaces them.
+        defaults: dict[str, Any] = {"save": {"every_steps": 0, "every_epochs": 1}}
         if save_best_only:
-            keep_last, keep_best = keep_last or 1, keep_best or 1
+            defaults["keep"] = {"last": 1, "best": 1}
         self.monitor = monitor
         self.save_freq = save_freq or "epoch"
         self.data = data
         self.checkpointer = Checkpointer(dir, monitor=monitor, mode=mode, regime=regime, every_steps=every_steps,
                                          every_epochs=every_epochs, every_seconds=every_seconds,
                                          keep_last=keep_last, keep_best=keep_best, min_delta=min_delta,
-                                         framework="keras", initial_best=initial_value_threshold)
+                                         framework="keras", initial_best=initial_value_threshold,
+                                         verbose=verbose, defaults=defaults, rollback=rollback)
         self.save_weights_only = save_weights_only
         self._restored = False
         self._resume_at: Optional[tuple[int, int]] = None  # (epoch, batches already trained in it)
@@ -136,6 +145,9 @@ class SavegameCallback(keras.callbacks.Callback):
                 metrics[self.monitor] = float(value)  # a batch-level best, checked every save_freq batches
         if self._short_epoch is not None:
             self._short_epoch.batch_done()
+        loss = (logs or {}).get("loss")
+        if loss is not None:
+            self.checkpointer.report(loss)  # the epoch's running mean so far, as Keras logs it
         self.checkpointer.step(**metrics)
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
@@ -210,10 +222,10 @@ def _build_metrics(model: Any, data: Optional[ResumableBatches]) -> None:
             data.set_position(*position)
 
 
-def _schedule(save_freq: Union[str, int, None], regime: Optional[str]) -> tuple[Optional[int], Optional[int]]:
-    """(every_steps, every_epochs) for a ModelCheckpoint-style save_freq; None leaves it to the regime."""
+def _schedule(save_freq: Union[str, int, None]) -> tuple[Optional[int], Optional[int]]:
+    """(every_steps, every_epochs) for an explicit ModelCheckpoint-style save_freq; None: the defaults."""
     if save_freq is None:
-        return (None, None) if regime else (0, 1)
+        return None, None
     if save_freq == "epoch":
         return 0, 1
     if isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq > 0:

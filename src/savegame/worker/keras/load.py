@@ -56,33 +56,15 @@ def _committed_folder(path: str) -> Optional[tuple[CheckpointStore, Any]]:
 
 
 def _choose_in_run(path: str, which: Union[str, int], monitor: Optional[str], mode: str) -> tuple:
-    from savegame.strategies import rank_by_metric, resolve_mode
+    """"best" by `monitor` (else the run's stored policy), "latest", or a step (see worker/weights)."""
+    from savegame.worker.weights import choose_checkpoint
 
     if os.path.exists(os.path.join(path, "manifest.json")):
         raise CorruptCheckpoint(f"{path}: its manifest is unreadable or damaged: not a committed savegame checkpoint")
     store = CheckpointStore(path)
-    checkpoints = store.list()
-    if not checkpoints:
+    if not store.list():
         raise CorruptCheckpoint(f"{path} holds no committed savegame checkpoint")
-    if isinstance(which, int):
-        return store, store.get(which)
-    if which == "best":
-        metric = monitor or _monitored(checkpoints)
-        ranked = rank_by_metric(checkpoints, metric, resolve_mode(mode, metric))
-        if not ranked:
-            raise CorruptCheckpoint(f"{path}: no checkpoint holds the metric {metric!r}")
-        return store, ranked[0]
-    if which != "latest":
-        raise ConfigError(f"which must be 'latest', 'best' or a step number, not {which!r}")
-    return store, max(checkpoints, key=lambda c: c.step)
-
-
-def _monitored(checkpoints: list) -> str:
-    names = {k for c in checkpoints for k in c.metrics}
-    for guess in ("val_accuracy", "val_acc", "val_loss", "accuracy", "loss"):
-        if guess in names:
-            return guess
-    raise ConfigError("which='best' needs monitor=... (no metric found in the checkpoints)")
+    return store, choose_checkpoint(store, which, monitor, None if mode == "auto" and monitor is None else mode)
 
 
 def load_weights(model: Any, path: str, which: Union[str, int] = "latest", monitor: Optional[str] = None,

@@ -17,6 +17,7 @@ import torch
 from savegame.errors import ConfigError, CorruptCheckpoint
 from savegame.worker.adapter import Capture, CheckpointReader
 from savegame.worker.codec import Encoder, decode
+from savegame.worker.exits import warn_once
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
 from savegame.worker.torch.buffers import DTYPES, TORCH_DTYPES, HostBuffers
 from savegame.worker.torch.loader import shield_loader_workers
@@ -49,7 +50,8 @@ class TorchAdapter:
         encoder = Encoder(lambda x: isinstance(x, torch.Tensor))
         skeleton = {name: encoder.encode(obj.state_dict(), name) for name, obj in self.objects.items()}
         rng = encoder.encode(_torch_rng_states(), "rng")
-        return encoder.tensors, {"objects": skeleton, "rng": rng}
+        modules = [name for name, obj in self.objects.items() if isinstance(obj, torch.nn.Module)]
+        return encoder.tensors, {"objects": skeleton, "rng": rng, "modules": modules}  # modules: what export takes
 
     def capture(self) -> Capture:
         tensors, state = self._encode()
@@ -131,8 +133,20 @@ class TorchAdapter:
                        mid_epoch: bool) -> tuple[Iterator[Any], int]:
         """Point a ResumableSampler at this epoch and resume position; returns (iterator, batches skipped)."""
         shield_loader_workers(loader)
+        if _is_stateful(loader):
+            tracked = any(loader is obj for obj in self.objects.values())
+            if tracked:  # its own state_dict is the data position: restored already, nothing to skip
+                with preserved_rng() if mid_epoch else contextlib.nullcontext():
+                    return iter(loader), skip_batches
+            warn_once("untracked-loader", "a StatefulDataLoader that is not tracked: ckpt.track(loader=loader) "
+                                          "so its position is saved and a resume continues exactly")
         sampler, batch_size = _resumable_sampler(loader)
         skipped = 0
+        if mid_epoch and skip_batches and sampler is None and _shuffles(loader):
+            warn_once("shuffle", f"resuming in the middle of an epoch from a DataLoader(shuffle=True): the "
+                                 f"{skip_batches} batches skipped come from a new shuffle, so this epoch is not the "
+                                 "one an uninterrupted run trains; use sampler=savegame.torch.ResumableSampler("
+                                 "dataset, seed=...) (or torchdata's StatefulDataLoader, tracked) for an exact resume")
         if sampler is not None:
             sampler.set_epoch(epoch)
             if skip_batches and batch_size:
@@ -255,6 +269,18 @@ def _job_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _is_stateful(loader: Any) -> bool:
+    """torchdata's StatefulDataLoader (Lightning, Accelerate and torchtitan use it): its state_dict()
+    is its position, mid-epoch included."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)) \
+        and hasattr(loader, "batch_sampler")
+
+
+def _shuffles(loader: Any) -> bool:
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", getattr(loader, "sampler", None))
+    return isinstance(sampler, torch.utils.data.RandomSampler)
 
 
 def _resumable_sampler(loader: Any) -> tuple[Optional[ResumableSampler], Optional[int]]:

@@ -1,0 +1,1 @@
+"""The PyTorch Lightning callback (savegame.lightning is the public module)."""
