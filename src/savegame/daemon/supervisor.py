@@ -68,7 +68,7 @@ class Supervisor:
         self.machine = m.Machine(grace_s=settings["grace"])
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])
         self.notifier = Notifier()
-        self.inbox = EventInbox(self.run_dir)
+        self.inbox = EventInbox(self.run_dir, self.node.file("events.sock"))
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"),
                                    (self.node.file("worker.out"), self.node.file("worker.err")))

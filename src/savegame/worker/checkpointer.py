@@ -196,11 +196,15 @@ class Checkpointer:
         handles = self._requests.install() if self._handle_signals else []
         if self.supervised:
             self._link.hello(handles)  # the daemon's lock, inherited, keeps other writers off the folder
-        else:
+        elif self._coordinator():  # of a job's ranks, rank 0 holds the folder and stores the policy
             self._lock_fd = self._lock_folder()
             self._store_policy()
         if self._cadence is not None:
             self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
+
+    def _coordinator(self) -> bool:
+        """This process alone, or rank 0 of a torch.distributed job."""
+        return getattr(getattr(self._adapter, "job", None), "rank", 0) == 0
 
     def _lock_folder(self) -> Optional[int]:
         """One writer per run folder: on its own, the script holds the folder's lock while it trains."""
@@ -416,7 +420,7 @@ class Checkpointer:
                 "uses_epochs": self.uses_epochs}
 
     def _committed(self, info: CheckpointInfo) -> None:
-        if not self.supervised and getattr(getattr(self._adapter, "job", None), "rank", 0) == 0:
+        if not self.supervised and self._coordinator():
             # the daemon applies retention to what it supervises; of a job's ranks, rank 0 does.
             # The resume source is protected until a newer checkpoint stands in for it.
             superseded = self.resumed_from is not None and info.step > self.resumed_from
