@@ -112,6 +112,21 @@ MUTATIONS = [
     Mutation("worker-exit-74-is-0", "worker/checkpointer.py",
              "            exit_io(f\"the {reason} checkpoint (step {self.progress.step}) was not saved: {error}\")",
              "            return", ("tests/workers/test_failed_saves.py",)),
+    # torch.distributed jobs (issue 11)
+    Mutation("commit-without-every-report", "worker/torch/dcp_storage.py",
+             "        if sorted(reports) != list(range(self.world_size)):", "        if False:",
+             ("tests/frameworks/test_dcp_storage.py",)),
+    Mutation("agreement-ignored", "worker/torch/distributed.py", "        return bool(agreed[STOP]), reason",
+             "        return stop, reason", ("tests/frameworks/test_agreement.py",)),
+    Mutation("rank-rng-not-restored", "worker/torch/sharded_restore.py",
+             '    _set_torch_rng(state.pop("torch_rng", None))', '    state.pop("torch_rng", None)',
+             ("tests/frameworks/test_torch_ddp.py::test_interrupted_ddp_job_ends_with_the_weights_of_an_uninterrupted_one",)),
+    Mutation("dcp-chunks-unchecked", "worker/torch/dcp_metadata.py", "    _check_coverage(fqn, size, chunks)\n",
+             "", ("tests/frameworks/test_dcp_metadata.py",)),
+    Mutation("launcher-exit-taken-as-is", "daemon/supervisor.py",
+             "        meant, note = self.ranks.translate(code, launcher) if signum is None else (code, \"\")",
+             "        meant, note = code, \"\"",
+             ("tests/frameworks/test_torch_ddp.py::test_another_number_of_ranks_mid_epoch_is_refused_unless_the_epoch_restarts",)),
 ]
 
 

@@ -19,6 +19,7 @@ from savegame.daemon.deadline import with_deadline
 from savegame.daemon.process import check_command
 from savegame.daemon.resume import LIST_TIMEOUT_S, QUICK_LIST_S, MirrorUnreachable, ResumePoint
 from savegame.daemon.status import write_worker_settings
+from savegame.daemon.torchrun import check_torchrun
 from savegame.errors import ConfigError, StorageError
 from savegame.policy import read_policy, update_policy
 
@@ -36,6 +37,7 @@ class Startup:
         self.policy_known = False
         self.settings_path = ""
         self.mirror_started = False
+        self.launcher_env: dict[str, str] = {}  # added to the worker's environment (torchrun's settings)
         self._remote_wait_s = LIST_TIMEOUT_S  # shorter once local checkpoints could serve the resume
         self._stored_layer: Optional[Layer] = None  # the run's policy as found in storage at start
 
@@ -44,7 +46,9 @@ class Startup:
     def prepare(self) -> None:
         d = self.daemon
         check_command(d.settings["command"], os.environ)
-        self.settings_path = write_worker_settings(d.run_dir, explicit_for_worker(d.settings))
+        self.launcher_env = check_torchrun(d.settings["command"], os.environ, d.settings["grace"])
+        self.settings_path = write_worker_settings(d.run_dir, explicit_for_worker(d.settings),
+                                                   d.node.file("settings.json"))
         d.house.collect_garbage()
         if d.local.list():
             self._remote_wait_s = QUICK_LIST_S
@@ -52,7 +56,6 @@ class Startup:
         self._adopt_stored_policy()
         if d.settings["resume"] == "none":
             self._refuse_to_mix_runs()
-        self.mirror_started = d.mirror is not None
 
     def _check_mirror(self) -> None:
         """A bucket that does not exist is a configuration error; one that cannot be reached now is

@@ -36,8 +36,9 @@ class _ObjectStaging:
     def __init__(self, backend: "ObjectBackend", name: str, claim: str) -> None:
         self._backend = backend
         self._name = name
-        self.claim = claim
+        self.claim = claim  # "": joined (another process holds the claim and commits)
         self._written: list[str] = []
+        self.token = name  # no rename: everyone writes under the final prefix
 
     def open(self, relpath: str) -> Sink:
         path = self._backend.full(f"{self._name}/{relpath}")
@@ -226,6 +227,14 @@ class ObjectBackend:
             staging.drop_claim()
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
         return staging
+
+    def join(self, name: str, token: str) -> Staging:
+        """Files for a checkpoint another process began (and holds the claim of): the final prefix."""
+        if token != name:
+            raise CheckpointExists(errno.EINVAL, f"{token[:80]!r} is not a staging of {name}")
+        if self.manifest_exists(name):
+            raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
+        return _ObjectStaging(self, name, "")
 
     def put_create_only(self, relpath: str, data: bytes) -> None:
         """Write a small object only if it does not exist (S3 If-None-Match: *)."""
