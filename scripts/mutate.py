@@ -85,7 +85,7 @@ MUTATIONS = [
              "        if entry is not None:", ("tests/integration/test_manifest_index.py",)),
     # Found by the adversarial review: each was once a survivor or a bug, each has its test now.
     Mutation("retention-while-policy-unknown", "daemon/housekeeping.py",
-             "        if not d.startup.policy_known:\n            return\n", "",
+             "        if not d.startup.policy_known or not d.is_leader:", "        if not d.is_leader:",
              ("tests/integration/test_run_policy.py::test_no_retention_runs_while_the_policy_is_unknown",)),
     Mutation("saved-as-best-unprotected", "strategies/retention.py",
              '                add(c.step, "saved as best (the metric is not known here)")', "                pass",
