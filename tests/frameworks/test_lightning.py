@@ -55,3 +55,24 @@ def test_interrupted_under_the_daemon_ends_like_an_uninterrupted_run(tmp_path: P
     assert HASH.findall(again.stdout)[-1] == expected
     best = max(CheckpointStore(str(run)).list(), key=lambda c: c.metrics.get("val_acc", -1))
     assert best.metrics["val_acc"] == max(c.metrics.get("val_acc", -1) for c in CheckpointStore(str(run)).list())
+
+
+def test_a_resume_at_an_epoch_boundary_draws_the_next_epoch_s_data_order(tmp_path: Path) -> None:
+    """Stopped at an epoch's end (here: a run of 2 epochs continued to 3), the next epoch must see the
+    data order the uninterrupted run saw. Lightning does not restore a StatefulDataLoader's position
+    at an epoch boundary, and the loader's sampler keeps its own generator: without savegame putting
+    it back, epoch 3 replayed epoch 1's order."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAVEGAME_")}
+
+    def train(epochs: str, folder: str) -> str:
+        args = ["--epochs", epochs, "--limit-batches", "16", "--batch-size", "32", "--seed", "2"]
+        done = subprocess.run([sys.executable, EXAMPLE, *args, "--dir", str(tmp_path / folder)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    expected = HASH.findall(train("3", "ref"))[-1]
+    train("2", "run")
+    resumed = train("3", "run")
+    assert "resumed from step 32 (epoch 2)" in resumed, resumed[-2000:]
+    assert HASH.findall(resumed)[-1] == expected

@@ -71,6 +71,8 @@ class SavegameCallback(pl.Callback):
         self._set_up = True
         self.checkpointer.track(model=pl_module, lightning=LightningState(trainer))
         restored = self.checkpointer.restore()
+        if restored is not None and not self.checkpointer.progress.batch_in_epoch:
+            _start_a_fresh_epoch(trainer)
         if restored is not None and self.checkpointer.progress.batch_in_epoch:
             # An uninterrupted run had made this epoch's data iterator (drawing seeds) before the
             # checkpoint; the resumed run makes it again: back to the saved states at the first batch.
@@ -99,6 +101,27 @@ class SavegameCallback(pl.Callback):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.checkpointer.finish()
+
+
+def _start_a_fresh_epoch(trainer: "pl.Trainer") -> None:
+    """Saved at an epoch's end, Lightning starts the next epoch with a new loader iterator and does not
+    restore the loader's saved position (it belongs to the epoch just ended). A StatefulDataLoader's
+    sampler keeps its own generator, which the uninterrupted run had advanced by one data order per
+    epoch; a new process has it at its first order. Put the generator where the saved epoch left it
+    (its state at that epoch's start, advanced by that epoch's order), so the next epoch draws the
+    order the uninterrupted run drew. Only a loader given to fit() itself can be reached here."""
+    loaded = trainer._checkpoint_connector._loaded_checkpoint  # noqa: SLF001 - set by LightningState
+    states = (loaded or {}).get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
+    source = getattr(getattr(trainer.fit_loop, "_data_source", None), "instance", None)  # noqa: SLF001
+    loaders = source if isinstance(source, (list, tuple)) else [source]
+    for loader, state in zip(loaders, states):
+        sampler_state = state.get("_sampler_iter_state") if isinstance(state, dict) else None
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if sampler_state is None or batch_sampler is None:
+            continue
+        order = iter(batch_sampler)  # torchdata's: its load_state_dict sets the generator and draws that order
+        if hasattr(order, "load_state_dict"):
+            order.load_state_dict(sampler_state)
 
 
 def _batches_per_epoch(trainer: "pl.Trainer") -> Optional[int]:
