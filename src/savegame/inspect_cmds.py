@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 from savegame.config import RunConfig
 from savegame.errors import CheckpointNotFound, ConfigError, StorageError
+from savegame.see.history import prune_why, record_prune
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.storage.manifest import parse_time
 from savegame.strategies import plan_retention, resume_candidates
@@ -97,6 +98,7 @@ def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str
     for step in delete:
         store.delete(step)
         log.info("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
+        record_prune(store, step, "savegame prune", prune_why(config, "local" if store.is_local else "mirror"))
     result["collect"] = result["collected"] = store.collect_garbage(config["stale_after"])
     return result
 

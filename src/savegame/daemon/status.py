@@ -13,6 +13,7 @@ import uuid
 from typing import Any, Mapping, Optional
 
 from savegame.errors import MalformedInput
+from savegame.see.goodput import describe
 from savegame.storage.local import process_alive
 from savegame.untrusted import load_json, read_regular_file
 
@@ -107,6 +108,8 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
         f"best so far:     {_best(beat)}",
         f"policy:          {_policy(status)}",
     ]
+    if isinstance(status.get("goodput"), dict):  # see/goodput.py; `savegame report` has the details
+        lines.append(f"goodput:         {describe(status['goodput'])}")
     if mirror:
         lines.append(f"mirror:          {mirror.get('url')}: {mirror.get('pending', 0)} pending, last confirmed "
                      f"step {mirror.get('confirmed_step', '-')}, lag {_num(mirror.get('lag_s')):.1f}s")
