@@ -1,0 +1,186 @@
+"""Seeing a run, from a real daemon's real run: its records (attempts.jsonl, history.jsonl), `savegame
+history | report | plot`, goodput in `savegame status`, and its Prometheus metrics (a real HTTP GET of
+the endpoint on 127.0.0.1, at a port the OS chose, and the textfile)."""
+import csv
+import io
+import json
+import socket
+import struct
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers import Daemon, counter, savegame, wait_until
+
+pytestmark = pytest.mark.integration
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The endpoint's samples, by their name and labels as written."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return parse_samples(text)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One run: 40 steps, a checkpoint every 5 (the loss improves at each epoch: "best"), keep the last
+    2; the first attempt crashes at step 23 and the second resumes from 20 and pauses at step 35 (so
+    the metrics are scraped from a running daemon). Mirrored to a second folder."""
+    root = tmp_path_factory.mktemp("see")
+    bucket = root / "bucket"
+    daemon = Daemon(root / "run", counter("--steps", 40, "--every", 5, "--epoch-steps", 5, "--metric",
+                                          "--crash-once-at", 23, "--pause-at", 35, "--pause-for", 1.5,
+                                          "--sleep", 0.01),
+                    ["--keep-last", "2", "--metrics", "127.0.0.1:0", "--metrics-textfile", str(root / "m.prom"),
+                     "--mirror", str(bucket)])
+    Daemon.started.remove(daemon.start())  # it outlives each test: stopped at the module's end
+    try:
+        url = wait_until(lambda: (daemon.status() or {}).get("metrics_url"), timeout=30)
+        live = wait_until(lambda: (lambda s: s if s.get('savegame_attempt{run="run"}') == 2
+                                   and s.get('savegame_worker_up{run="run"}') == 1 else None)(scrape(url)),
+                          timeout=30, interval=0.05)
+        assert daemon.wait(timeout=60) == 0, daemon.stderr
+        yield root, daemon, url, live
+    finally:
+        daemon.kill()
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_daemon_appends_each_attempt_and_itself_to_the_run_folder(run):
+    root, _, _, _ = run
+    records = lines(root / "run" / ".savegame" / "attempts.jsonl")
+    assert [r["kind"] for r in records] == ["attempt", "attempt", "daemon"]
+    first, second, daemon = records
+    assert (first["attempt"], first["cause"], first["exit_code"], first["last_step"], first["restarted"]) == \
+        (1, "crash", 3, 23, True)
+    assert (second["attempt"], second["cause"], second["resumed_from"], second["last_step"]) == (2, "finished", 20, 40)
+    assert second["saves"] >= 4 and second["stall_s"] > 0
+    assert daemon["exit_code"] == 0 and daemon["started"] <= first["spawned"] < second["ended"] <= daemon["ended"]
+
+
+def test_history_lists_every_commit_and_why_the_pruned_ones_went(run):
+    root, _, _, _ = run
+    result = savegame("history", str(root / "run"), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["step"]: r for r in json.loads(result.stdout)}
+    assert sorted(rows) == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert {s for s, r in rows.items() if r["status"] == "kept"} == {35, 40}
+    pruned = rows[20]
+    assert pruned["status"] == "pruned" and pruned["reason"] == "best" and pruned["attempt"] == 1
+    assert pruned["metrics"] == {"loss": 0.05} and "last 2" in pruned["why"][0]
+    assert rows[25]["attempt"] == 2 and rows[5]["reason"] == "periodic"
+    table = savegame("history", str(root / "run"), "--csv")
+    parsed = list(csv.DictReader(io.StringIO(table.stdout)))
+    assert [int(r["step"]) for r in parsed] == sorted(rows) and parsed[1]["loss"] == "0.1"
+    assert parsed[0]["status"] == "pruned" and parsed[-1]["status"] == "kept"
+
+
+def test_the_mirror_keeps_the_history_beside_the_checkpoints(run):
+    root, _, _, _ = run
+    result = savegame("history", str(root / "bucket"), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["step"]: r for r in json.loads(result.stdout)}
+    assert sorted(rows) == [5, 10, 15, 20, 25, 30, 35, 40]  # the ones never uploaded or pruned there too
+    assert rows[40]["status"] == "kept" and rows[10]["status"] == "pruned"
+
+
+def test_report_and_status_tell_the_goodput(run):
+    root, _, _, _ = run
+    result = savegame("report", str(root / "run"), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["attempts"] == 2 and data["daemons"] == 1 and data["restarts"] == {"crash": 1}
+    assert data["lost_steps"] == 3  # reached 23, resumed from 20
+    assert 0 < data["goodput"] < 1 and data["seconds"]["redone"] > 0 and data["seconds"]["restarts"] > 0
+    assert data["total_s"] == pytest.approx(sum(data["seconds"].values()))
+    assert data["checkpoints"]["committed"] == 8 and data["checkpoints"]["kept"] == 2
+    assert data["checkpoints"]["pruned"] == 6 and data["checkpoints"]["by_reason"]["best"] >= 6
+    text = savegame("report", str(root / "run")).stdout
+    assert "goodput:" in text and "crash (exit 3)" in text and "3 steps" in text
+    status = savegame("status", str(root / "run"))
+    assert status.returncode == 0 and f"goodput:         {data['goodput'] * 100:.1f}%" in status.stdout
+
+
+def test_the_metrics_endpoint_and_textfile(run):
+    root, daemon, url, live = run
+    assert url.startswith("http://127.0.0.1:") and not url.endswith(":0/metrics")
+    assert live['savegame_checkpoints_committed_total{reason="best",run="run"}'] >= 3  # 10, 15, 20 by attempt 1
+    assert live['savegame_restarts_total{cause="crash",run="run"}'] == 1
+    assert live['savegame_work_lost_steps_total{run="run"}'] == 3
+    assert live['savegame_state{run="run",state="running"}'] == 1
+    assert live['savegame_last_checkpoint_age_seconds{run="run"}'] >= 0
+    assert 0 < live['savegame_goodput_ratio{run="run"}'] <= 1
+    assert 'savegame_mirror_pending_checkpoints{run="run"}' in live
+    final = parse_samples((root / "m.prom").read_text())  # written at the end
+    assert final['savegame_state{run="run",state="succeeded"}'] == 1
+    assert final['savegame_checkpoints_committed_total{reason="best",run="run"}'] + \
+        final['savegame_checkpoints_committed_total{reason="periodic",run="run"}'] == 8
+    assert final['savegame_checkpoints_pruned_total{run="run",tier="local"}'] == 6
+    assert final['savegame_checkpoints_written_bytes_total{run="run"}'] > 8 * 2**20
+    with pytest.raises(OSError):  # the endpoint went with the daemon
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_plot_renders_the_run(run):
+    root, _, _, _ = run
+    out = root / "run.png"
+    result = savegame("plot", str(root / "run"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "8 checkpoints, 2 attempts (1 ended early), loss" in result.stdout
+    data = out.read_bytes()
+    assert data.startswith(PNG)
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (1210, 880)  # 11 x 8 inches at 110 dpi
+    assert savegame("plot", str(root / "run"), "--out", str(root / "run.txt")).returncode == 78
+
+
+def test_bad_metrics_settings_exit_78_in_one_line(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        for flags, words in ((["--metrics", "localhost"], "HOST:PORT"),
+                             (["--metrics-textfile", str(tmp_path / "m.txt")], ".prom"),
+                             (["--metrics", f"127.0.0.1:{port}"], "cannot listen there")):
+            result = savegame("run", "--dir", str(tmp_path / "r"), *flags, "--", "python", "-c", "pass")
+            assert result.returncode == 78, result.stderr
+            errors = [line for line in result.stderr.splitlines() if "error" in line]
+            assert len(errors) == 1 and words in errors[0] and "Traceback" not in result.stderr, result.stderr
+    finally:
+        taken.close()
+
+
+def test_a_killed_daemons_attempt_is_recorded_by_the_next_daemon(tmp_path):
+    """SIGKILL leaves no record but the status file: the next daemon appends what it was doing."""
+    worker = counter("--steps", 60, "--every", 5, "--sleep", 0.02)
+    first = Daemon(tmp_path / "run", worker).start()
+    first.ready()
+    wait_until(lambda: ((first.status() or {}).get("last_checkpoint") or {}).get("step", 0) >= 10, timeout=30)
+    first.kill()
+    second = Daemon(tmp_path / "run", worker).start()
+    assert second.wait(timeout=60) == 0, second.stderr
+    records = lines(tmp_path / "run" / ".savegame" / "attempts.jsonl")
+    assert [(r["kind"], r.get("cause")) for r in records] == [
+        ("attempt", "daemon-lost"), ("daemon", None), ("attempt", "finished"), ("daemon", None)]
+    assert records[1]["pid"] == first.proc.pid and records[3]["pid"] == second.proc.pid
+    assert records[2]["attempt"] == 2 and records[2]["resumed_from"] >= 10
+    data = json.loads(savegame("report", str(tmp_path / "run"), "--json").stdout)
+    assert data["daemons"] == 2 and data["attempts"] == 2 and data["down_s"] >= 0
+    assert data["lost_steps"] == records[0]["last_step"] - records[2]["resumed_from"]
