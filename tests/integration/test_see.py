@@ -4,6 +4,7 @@ the endpoint on 127.0.0.1, at a port the OS chose, and the textfile)."""
 import csv
 import io
 import json
+import shutil
 import socket
 import struct
 import urllib.request
@@ -184,3 +185,18 @@ def test_a_killed_daemons_attempt_is_recorded_by_the_next_daemon(tmp_path):
     data = json.loads(savegame("report", str(tmp_path / "run"), "--json").stdout)
     assert data["daemons"] == 2 and data["attempts"] == 2 and data["down_s"] >= 0
     assert data["lost_steps"] == records[0]["last_step"] - records[2]["resumed_from"]
+
+
+def test_a_garbled_or_torn_record_line_is_left_out_and_said(run, tmp_path):
+    root, _, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(root / "run", copy)
+    with open(copy / ".savegame" / "history.jsonl", "a") as f:
+        f.write('not json\n{"kind": "prune", "step": -1, "tier": "local", "time": 1}\n{"kind": "commit", "st')
+    with open(copy / ".savegame" / "attempts.jsonl", "a") as f:
+        f.write('{"kind": "attempt", "attempt": "x"}\n')
+    result = savegame("history", str(copy), "--json")
+    assert result.returncode == 0 and "2 lines of the run's history could not be read" in result.stderr
+    assert len(json.loads(result.stdout)) == 8
+    data = json.loads(savegame("report", str(copy), "--json").stdout)
+    assert data["records_skipped"] == 3 and data["attempts"] == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any, Callable
 
 from savegame.errors import ConfigError
@@ -45,7 +46,10 @@ def commands(open_with_policy: Callable[[argparse.Namespace], tuple[Any, Any]],
         from savegame.see.rows import csv_rows, format_rows, history_rows
 
         store, config = open_with_policy(args)
-        rows, _record = history_rows(store, config, protected(args.url))
+        rows, record = history_rows(store, config, protected(args.url))
+        if record.skipped:  # on stderr: --json and --csv stay parseable
+            print(f"savegame: {record.skipped} lines of the run's history could not be read and were left out",
+                  file=sys.stderr)
         if args.json:
             print_json(rows)
         else:
