@@ -2,17 +2,22 @@
 history | report | plot`, goodput in `savegame status`, and its Prometheus metrics (a real HTTP GET of
 the endpoint on 127.0.0.1, at a port the OS chose, and the textfile)."""
 import csv
+import fcntl
 import io
 import json
+import os
+import pty
 import shutil
 import socket
 import struct
+import subprocess
+import termios
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import Daemon, counter, savegame, wait_until
+from helpers import SAVEGAME, Daemon, clean_env, counter, savegame, wait_until
 
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -200,3 +205,41 @@ def test_a_garbled_or_torn_record_line_is_left_out_and_said(run, tmp_path):
     assert len(json.loads(result.stdout)) == 8
     data = json.loads(savegame("report", str(copy), "--json").stdout)
     assert data["records_skipped"] == 3 and data["attempts"] == 2
+
+
+def on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run savegame with its stderr on a real pty; (exit code, stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a terminal 80 columns wide
+    try:
+        proc = subprocess.run([SAVEGAME, *args], stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
+                              text=True, timeout=60)
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return proc.returncode, proc.stdout, seen.decode(errors="replace")
+
+
+def test_restore_and_verify_draw_a_progress_bar_on_a_terminal_only(run, tmp_path):
+    root, _, _, _ = run
+    code, out, terminal = on_a_terminal("restore", str(root / "run"), "--latest", "--to", str(tmp_path / "a"))
+    assert code == 0 and "restored step 40" in out
+    assert "restoring step 40" in terminal and "|" in terminal, terminal  # tqdm's bar, drawn on stderr
+    code, out, terminal = on_a_terminal("verify", str(root / "run"))
+    assert code == 0 and "step 40: ok" in out and "verifying 2 checkpoint(s)" in terminal, terminal
+    piped = savegame("restore", str(root / "run"), "--latest", "--to", str(tmp_path / "b"))
+    assert piped.returncode == 0 and piped.stderr == ""  # not a terminal: nothing drawn
+    piped = savegame("verify", str(root / "run"))
+    assert piped.returncode == 0 and piped.stderr == ""
