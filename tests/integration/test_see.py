@@ -243,3 +243,24 @@ def test_restore_and_verify_draw_a_progress_bar_on_a_terminal_only(run, tmp_path
     assert piped.returncode == 0 and piped.stderr == ""  # not a terminal: nothing drawn
     piped = savegame("verify", str(root / "run"))
     assert piped.returncode == 0 and piped.stderr == ""
+
+
+def test_the_history_in_an_s3_bucket(tmp_path, s3_server):
+    """The mirror stores the history in the bucket; `savegame history s3://...` reads it from there,
+    with the steps the bucket's own retention deleted."""
+    url = f"s3://{s3_server.make_bucket()}/run"
+    config = tmp_path / "savegame.toml"
+    config.write_text("[mirror_keep]\nlast = 1\n")
+    daemon = Daemon(tmp_path / "run", counter("--steps", 20, "--every", 5),
+                    ["--config", str(config), "--mirror", url, "--keep-last", "2"], env=s3_server.env).start()
+    assert daemon.wait(timeout=60) == 0, daemon.stderr
+    result = savegame("history", url, "--json", env=s3_server.env)
+    assert result.returncode == 0, result.stderr
+    rows = {r["step"]: r for r in json.loads(result.stdout)}
+    assert sorted(rows) == [5, 10, 15, 20] and rows[20]["status"] == "kept"
+    why = {s: (r["status"], r["why"]) for s, r in rows.items()}
+    assert all(rows[s]["status"] == "pruned" and "local" in {p["tier"] for p in rows[s]["pruned"]}
+               for s in (5, 10)), why  # by local retention (last 2)
+    # 15 is kept locally; the bucket (last 1) either deleted it, or never took it once 20 was there
+    assert why[15][0] == "pruned" and "mirror" in why[15][1][-1] or why[15][0] == "gone" and \
+        "never uploaded" in why[15][1][0], why

@@ -14,6 +14,8 @@ from savegame.see.history import Commit, History, Prune, iso, read_history
 
 COLUMNS = ("step", "epoch", "reason", "status", "attempt", "committed", "bytes", "why")
 NO_RECORD = "gone, without a record of why (deleted outside savegame, or before its history began)"
+NOT_MIRRORED = "not in the bucket, without a record of a deletion (never uploaded: the mirror's policy " \
+               "did not keep it, or it was not uploaded yet)"
 
 
 def history_rows(store: Any, config: Any, protected: Mapping[int, str]) -> tuple[list[dict[str, Any]], History]:
@@ -26,12 +28,14 @@ def history_rows(store: Any, config: Any, protected: Mapping[int, str]) -> tuple
     prunes: dict[int, list[Prune]] = {}
     for p in sorted(record.prunes, key=lambda p: p.time):
         prunes.setdefault(p.step, []).append(p)
-    rows = [_row(step, commits.get(step), listed.get(step), prunes.get(step, []))
+    missing = NO_RECORD if store.is_local else NOT_MIRRORED  # a bucket's copy tells of local commits too
+    rows = [_row(step, commits.get(step), listed.get(step), prunes.get(step, []), missing)
             for step in sorted(set(commits) | set(listed))]
     return rows, record
 
 
-def _row(step: int, commit: Optional[Commit], now: Optional[Mapping[str, Any]], prunes: list[Prune]) -> dict[str, Any]:
+def _row(step: int, commit: Optional[Commit], now: Optional[Mapping[str, Any]], prunes: list[Prune],
+         missing: str) -> dict[str, Any]:
     committed = now is not None and now["status"] == "committed"
     source: Mapping[str, Any] = now if committed else {}  # the manifest, when there is one, is the truth
     pruned = [{"tier": p.tier, "by": p.by, "why": p.why, "time": iso(p.time)} for p in prunes]
@@ -41,7 +45,7 @@ def _row(step: int, commit: Optional[Commit], now: Optional[Mapping[str, Any]], 
         status, why = now["status"], [str(now.get("problem"))]
     else:
         status = "pruned" if prunes else "gone"
-        why = [f"{p.tier} ({p.by}): {p.why}" for p in prunes] or [NO_RECORD]
+        why = [f"{p.tier} ({p.by}): {p.why}" for p in prunes] or [missing]
     return {"step": step, "epoch": source.get("epoch", commit.epoch if commit else None),
             "reason": source.get("reason", commit.reason if commit else None),
             "metrics": dict(source.get("metrics", commit.metrics if commit else {})),
