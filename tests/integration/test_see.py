@@ -264,3 +264,18 @@ def test_the_history_in_an_s3_bucket(tmp_path, s3_server):
     # 15 is kept locally; the bucket (last 1) either deleted it, or never took it once 20 was there
     assert why[15][0] == "pruned" and "mirror" in why[15][1][-1] or why[15][0] == "gone" and \
         "never uploaded" in why[15][1][0], why
+
+
+@pytest.mark.parametrize("ledger", [
+    {"daemon": {"pid": 7, "started": 5.0}, "attempt": {"attempt": "x", "spawned": "soon", "ready": True}},
+    {"daemon": {"pid": 7, "started": "x"}, "attempt": [1]}, [1, 2], "junk"])
+def test_a_garbled_ledger_in_the_last_status_never_stops_the_next_daemon(tmp_path, ledger):
+    state = tmp_path / "run" / ".savegame"
+    state.mkdir(parents=True)
+    (state / "status.json").write_text(json.dumps({"state": "running", "updated": 9.0, "ledger": ledger}))
+    daemon = Daemon(tmp_path / "run", counter("--steps", 5, "--every", 5)).start()
+    assert daemon.wait(timeout=60) == 0, daemon.stderr
+    assert "internal error" not in daemon.stderr and "Traceback" not in daemon.stderr
+    records = lines(state / "attempts.jsonl")
+    assert [r["kind"] for r in records][-2:] == ["attempt", "daemon"] and records[-1]["pid"] == daemon.proc.pid
+    assert all(r.get("cause") != "daemon-lost" for r in records)  # a garbled attempt is not made up

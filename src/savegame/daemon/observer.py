@@ -85,6 +85,7 @@ class Observer:
         exporter.start()
         return exporter
 
+    @_guarded
     def _recover(self, previous: Optional[Mapping[str, Any]]) -> None:
         """The daemon before this one was killed (its status is not final): record what it was doing.
         (Its pid says nothing: the run folder's lock is ours, so it is gone; as PID 1 of a container,
@@ -100,8 +101,13 @@ class Observer:
         if any((d.pid, d.started) == (daemon.pid, daemon.started) for d in self.ledger.daemons):
             return  # it recorded itself, and was killed before its last status
         attempt = section.get("attempt")
-        if isinstance(attempt, dict):
-            self._append({**attempt, "ended": updated, "cause": "daemon-lost"})
+        recorded = any(a.daemon == (daemon.pid, daemon.started) and a.attempt == obj_or_empty(attempt).get("attempt")
+                       for a in self.ledger.attempts)  # it ended, and the daemon was killed before its next status
+        if isinstance(attempt, dict) and not recorded:
+            times = [t for t in (attempt.get("spawned"), attempt.get("ready"))
+                     if isinstance(t, (int, float)) and not isinstance(t, bool)]
+            known = {k: attempt[k] for k in g.ATTEMPT_FIELDS if k in attempt}  # nothing else from a file is copied
+            self._append({**known, "kind": "attempt", "ended": max([daemon.ended, *times]), "cause": "daemon-lost"})
         self._append({"kind": "daemon", "pid": daemon.pid, "started": daemon.started, "ended": daemon.ended})
         log.info("recorded the attempt of the daemon before this one (pid %d): it ended without recording it",
                  daemon.pid)
@@ -214,6 +220,8 @@ class Observer:
         clean = {k: v for k, v in record.items() if v is not None or k in ("ready", "resumed_from", "last_step")}
         try:
             parsed = g.parse_ledger([clean], "a new record")
+            if parsed.skipped:  # never write what a reader would skip
+                raise MalformedInput(f"a record that does not check: {sorted(clean)}")
             g.append_record(self.run_dir, clean)
         except (OSError, MalformedInput, ValueError) as exc:
             if not self._warned:

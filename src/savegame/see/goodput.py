@@ -35,6 +35,8 @@ from savegame.untrusted import field, integer, number, obj, optional, text
 
 ATTEMPTS_PATH = ".savegame/attempts.jsonl"
 MAX_ATTEMPTS_BYTES = 1 << 20  # some 3,000 attempts; past it the oldest half is folded into one line
+ATTEMPT_FIELDS = ("attempt", "daemon_pid", "daemon_started", "spawned", "ready", "ended", "resumed_from", "last_step",
+                  "stall_s", "saves", "cause", "exit_code", "signal", "restarted", "preempted")
 CATEGORIES = ("productive", "redone", "restarts", "stalls", "waiting")
 FAILURES = ("crash", "killed", "hang", "preempted", "bad-checkpoint", "save-failed", "rollback", "spawn")
 
