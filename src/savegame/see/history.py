@@ -40,8 +40,11 @@ def history_file(run_dir: str) -> str:
 
 
 def record(run_dir: str, entry: Mapping[str, Any]) -> bool:
-    """Append one line to a local run folder's history; False (and one warning) when it cannot."""
+    """Append one line to a local run folder's history; False (and one warning) when it cannot.
+    A folder without .savegame/ (checkpoints copied by hand, say) is not a run folder: no record."""
     path = history_file(run_dir)
+    if not os.path.isdir(os.path.dirname(path)):
+        return False
     try:
         jsonl.append(path, {**entry, "time": round(time.time(), 3)}, MAX_HISTORY_BYTES)
     except (OSError, MalformedInput, ValueError) as exc:
