@@ -279,3 +279,18 @@ def test_a_garbled_ledger_in_the_last_status_never_stops_the_next_daemon(tmp_pat
     records = lines(state / "attempts.jsonl")
     assert [r["kind"] for r in records][-2:] == ["attempt", "daemon"] and records[-1]["pid"] == daemon.proc.pid
     assert all(r.get("cause") != "daemon-lost" for r in records)  # a garbled attempt is not made up
+
+
+def test_without_the_optional_packages_a_clear_line_and_78(run, tmp_path):
+    root, _, _, _ = run
+    shadow = tmp_path / "shadow"  # matplotlib and prometheus_client, not installed
+    shadow.mkdir()
+    for name in ("matplotlib", "prometheus_client"):
+        (shadow / f"{name}.py").write_text("raise ImportError('not installed')\n")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))}
+    result = savegame("plot", str(root / "run"), "--out", str(tmp_path / "x.png"), env=env)
+    assert result.returncode == 78 and "pip install 'savegame[plot]'" in result.stderr, result.stderr
+    assert not (tmp_path / "x.png").exists()
+    result = savegame("run", "--dir", str(tmp_path / "r"), "--metrics", "127.0.0.1:0", "--", "python", "-c", "pass",
+                      env=env)
+    assert result.returncode == 78 and "pip install 'savegame[metrics]'" in result.stderr, result.stderr
