@@ -66,8 +66,9 @@ class Daemon:
     def ready(self, timeout: float = 30) -> int:
         """Wait until the worker announced itself (its signal handlers are in place); its pid."""
         def announced() -> Optional[int]:
-            status = self.status() or {}
-            return status.get("worker_pid") if status.get("worker_ready") else None
+            status = self.status() or {}  # this daemon's, not one a previous daemon of the folder left
+            mine = self.proc is not None and status.get("daemon_pid") == self.proc.pid
+            return status.get("worker_pid") if mine and status.get("worker_ready") else None
         return int(wait_until(announced, timeout))  # type: ignore[arg-type]
 
     def wait(self, timeout: float = 60) -> int:

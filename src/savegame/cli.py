@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="restart a worker silent this long (auto: max(hang_floor, 20 x its slowest step)); 0: off")
     run.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (off by default)")
     run.add_argument("--metrics-textfile", metavar="FILE.prom", help="write them for node_exporter's textfile collector")
+    run.add_argument("--nodes", type=int, metavar="N", help="the job spans N nodes, one daemon each, on a shared --dir")
+    run.add_argument("--node", metavar="NAME", help="with --nodes: this node's name (default: the host name)")
+    run.add_argument("--leader", action="store_true", default=None,
+                     help="with --nodes: this node runs retention and the mirror (default: the node of rank 0)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     ls = sub.add_parser("ls", help="list committed checkpoints")
@@ -139,7 +143,8 @@ def config_from_args(args: argparse.Namespace, stored: Optional[Layer] = None) -
     for flag, key in (("dir", "dir"), ("mirror", "mirror"), ("regime", "regime"), ("resume", "resume"),
                       ("monitor", "monitor"), ("mode", "mode"), ("grace", "grace"),
                       ("max_restarts", "max_restarts"), ("hang_timeout", "hang_timeout"), ("metrics", "metrics"),
-                      ("metrics_textfile", "metrics_textfile")):
+                      ("metrics_textfile", "metrics_textfile"), ("nodes", "nodes"), ("node", "node"),
+                      ("leader", "leader")):
         value = getattr(args, flag, None)
         if value is not None:
             flags[key] = value
@@ -186,9 +191,19 @@ def _finite_or_null(data: Any) -> Any:
 def _protected_by_daemon(url: str) -> dict[int, str]:
     """What a running daemon keeps for now (its resume source, what the mirror has not confirmed)
     must survive a prune from the command line too."""
-    from savegame.daemon.status import TERMINAL_STATES, read_status
+    from savegame.daemon.status import read_node_statuses, read_status
 
-    status = (read_status(url) if "://" not in url else None) or {}
+    statuses = [read_status(url) or {}, *(read_node_statuses(url).values())] if "://" not in url else []
+    protected: dict[int, str] = {}
+    for status in statuses:  # one daemon, or one per node of a job
+        for step, why in _protected_by_one(status or {}).items():
+            protected.setdefault(step, why)
+    return protected
+
+
+def _protected_by_one(status: dict) -> dict[int, str]:
+    from savegame.daemon.status import TERMINAL_STATES
+
     if status.get("state") in TERMINAL_STATES:
         return {}
     listed = status.get("protected")
@@ -304,12 +319,20 @@ def cmd_status_all(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from savegame.daemon.status import format_status, read_status, status_path
+    from savegame.daemon.status import format_status, read_node_statuses, read_status, status_path
 
     if args.all:
         return cmd_status_all(args)
 
     status = read_status(args.dir)
+    nodes = read_node_statuses(args.dir) if status is None else {}
+    if nodes:  # a job on several nodes: one daemon, and one status, per node
+        if args.json:
+            _print_json(nodes)
+        else:
+            print("\n\n".join(f"node {node}:\n" + (format_status(s) if s else "  (status file damaged)")
+                              for node, s in nodes.items()))
+        return 0
     if status is None:
         if os.path.lexists(status_path(args.dir)):
             raise ConfigError(f"{status_path(args.dir)} is damaged (not a status file savegame wrote); a running "

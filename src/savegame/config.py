@@ -196,6 +196,15 @@ def _at_least(minimum: float, parse: Parser) -> Parser:
     return check
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def _node_name(value: Any) -> str:
+    if not isinstance(value, str) or not NODE_NAME.fullmatch(value):
+        raise ValueError("must be a name of letters, digits, '-' and '_' (at most 64)")
+    return value
+
+
 def _table(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("must be a table of options")
@@ -221,6 +230,7 @@ TOP_KEYS: dict[str, Parser] = {
     "backoff_max": _wait, "hang_timeout": _hang_timeout, "hang_floor": duration, "stale_after": duration,
     "mirror_deadline": _wait, "upload_timeout": _wait, "mirror_wait": _wait, "preemption": _preemption,
     "preemption_interval": _at_least(0.5, _wait), "command": _command, "storage": _table,
+    "nodes": _integer(1), "node": _node_name, "leader": _boolean,  # a job on several nodes (daemon/nodes.py)
     "preemption_signal": _preemption_signal, "preemption_endpoint": _endpoint,
     "worker_oom_score_adj": _int_between(-1000, 1000),
     **SEE_KEYS,  # metrics, metrics_textfile

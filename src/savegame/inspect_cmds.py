@@ -42,7 +42,9 @@ def ls_rows(store: CheckpointStore, config: RunConfig, protected: Mapping[int, s
     plan = _plan(store, scan.committed, config, protected, now)
     rows = [{"step": c.step, "epoch": c.epoch, "reason": c.reason, "metrics": dict(c.metrics),
              "created": c.manifest.created, "bytes": c.bytes, "path": c.path, "status": "committed",
-             "keep": plan.keep.get(c.step, [])} for c in scan.committed]
+             "keep": plan.keep.get(c.step, []),
+             **({"world_size": c.manifest.world_size} if c.manifest.world_size else {})}  # sharded: its ranks
+            for c in scan.committed]
     problem_kinds = (("damaged", scan.damaged), ("incomplete", scan.incomplete), ("quarantined", scan.quarantined))
     for status, problems in problem_kinds if include_problems else ():
         rows += [{"step": p.step, "epoch": None, "reason": None, "metrics": {}, "created": None, "bytes": None,

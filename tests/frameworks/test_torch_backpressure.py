@@ -3,7 +3,8 @@
 A ~200 MB model is saved at every step of a loop whose steps take a fraction of a save's write
 time. The training thread must wait for the save in flight instead of queueing more, so the
 process's peak resident memory grows by one host copy of the state (the reusable buffer), not one
-per pending save. Measured in a separate process: ru_maxrss is its true peak.
+per pending save. Measured in a separate process by VmHWM, its own peak (ru_maxrss would carry the
+pytest parent's peak across exec).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.frameworks
 
 SCRIPT = r'''
-import json, os, resource, sys, time
+import json, os, sys, time
 import torch
 from savegame import Checkpointer
 from savegame.storage import CheckpointStore
@@ -26,6 +27,9 @@ from savegame.storage import CheckpointStore
 run_dir, steps = sys.argv[1], int(sys.argv[2])
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+# This process's own peak. Not ru_maxrss: it survives execve, so a child of a big pytest process
+# would report the parent's peak (the kernel keeps the old address space's high-water mark).
+hwm = lambda: next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(12_500_000)) for _ in range(4)])  # 200 MB
 state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 ckpt = Checkpointer(run_dir, every_steps=1, keep_last=2, handle_signals=False)
@@ -50,7 +54,7 @@ ckpt.finish()
 elapsed = time.monotonic() - started
 listed = CheckpointStore(run_dir).list()
 print(json.dumps({"base": base, "peak_sampled": peak_sampled, "state_bytes": state_bytes,
-                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "maxrss": hwm(),
                   "steps": [c.step for c in listed], "elapsed": elapsed, "stalls": stalls, "busy": busy,
                   "value": float(model[0][0].detach())}))
 '''

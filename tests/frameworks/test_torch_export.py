@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -27,10 +28,10 @@ def net() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, str]]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[int, str]]]:
     """A standalone run of 3 epochs monitored by val_acc (max); the weights' hash at each epoch's end."""
-    for key in [k for k in os.environ if k.startswith("SAVEGAME_")]:
-        del os.environ[key]
+    saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("SAVEGAME_")]
+             if k != "SAVEGAME_CACHE_DIR"}  # no daemon here; put back when the module is done
     folder = tmp_path_factory.mktemp("export") / "run"
     torch.manual_seed(0)
     model = net()
@@ -47,7 +48,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, str]]
         ckpt.end_epoch(val_acc=VAL_ACC[epoch])
         hashes[ckpt.progress.step] = st.weights_sha256(model)
     ckpt.finish()
-    return folder, hashes
+    yield folder, hashes
+    os.environ.update(saved)
 
 
 def export(*args: str) -> subprocess.CompletedProcess:

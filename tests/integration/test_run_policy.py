@@ -38,15 +38,21 @@ def test_the_best_survives_a_daemon_restart(tmp_path):
 
 
 def test_no_retention_runs_while_the_policy_is_unknown(tmp_path):
-    """An older run folder without a stored policy: nothing is deleted until the worker reports."""
+    """An older run folder without a stored policy: nothing is deleted until the worker reports, though
+    `--keep-last 1` alone would delete most of it (and does, once the policy is known)."""
     run = tmp_path / "run"
-    first = Daemon(run, counter("--steps", 40, *WORKER), ["--keep-last", "1"]).start()
+    first = Daemon(run, counter("--steps", 40, *WORKER), ["--keep-last", "10"]).start()
     assert first.wait() == 0, first.stderr
+    before = committed_steps(run)
+    assert len(before) == 8  # one per epoch: what --keep-last 1 would mostly delete
     (run / ".savegame" / "policy.json").unlink()
     second = Daemon(run, ["-c", "import time; time.sleep(1.5)"], ["--keep-last", "1"]).start()  # never reports
     assert second.wait() == 0, second.stderr
-    assert committed_steps(run) == [10, 40]
+    assert committed_steps(run) == before
     assert "no retention until the worker reports its settings" in second.stderr
+    third = Daemon(run, counter("--steps", 40, *WORKER), ["--keep-last", "1"]).start()  # reports: retention runs
+    assert third.wait() == 0, third.stderr
+    assert len(committed_steps(run)) < len(before)
 
 
 def test_resume_best_uses_the_stored_policy_and_needs_one(tmp_path):

@@ -130,3 +130,24 @@ def test_kill_9_of_the_daemon_leaves_no_orphan_writing_and_no_step_twice(tmp_pat
     assert step_log(log) == list(range(400)), "a step ran twice or was skipped"
     reasons = [manifest(run, s)["reason"] for s in committed_steps(run)]
     assert "emergency" in reasons
+
+
+def test_a_removed_event_socket_is_bound_again_without_a_restart(tmp_path):
+    """A cleaner of old files removes the daemon's event socket: the daemon binds it again at the same
+    address, the running worker is heard again, and nobody is restarted or stopped."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.01, "--every", 100000)).start()
+    try:
+        pid = daemon.ready()
+        socket_path = run / ".savegame" / "events.sock"
+        socket_path.unlink()
+        wait_until(lambda: "binding it again" in daemon.stderr, timeout=30)
+        seen = (daemon.status() or {}).get("heartbeat", {}).get("time")
+        wait_until(lambda: ((daemon.status() or {}).get("heartbeat") or {}).get("time", 0) > (seen or 0), timeout=30)
+        assert daemon.status()["worker_pid"] == pid and not daemon.status()["restarts"]
+        assert socket_path.exists()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr
+    finally:
+        daemon.kill()
+    assert "the daemon is gone" not in daemon.stdout + daemon.stderr

@@ -52,6 +52,7 @@ ckpt.start_training()  # stop signals are handled from here on: the first step i
 while ckpt.progress.step < args.steps:
     step = ckpt.progress.step
     if step == args.crash_at or (step == args.crash_once_at and os.environ.get("SAVEGAME_ATTEMPT", "1") == "1"):
+        ckpt.flush()  # the checkpoint before the crash is committed: deterministic, however loaded the machine
         os._exit(3)
     if step == args.hang_at and os.environ.get("SAVEGAME_ATTEMPT", "1") == "1":
         time.sleep(3600)

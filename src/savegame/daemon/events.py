@@ -35,13 +35,14 @@ Accept = Callable[[int, int], bool]  # (sender pid, sender uid) -> whether its e
 
 
 class EventInbox:
-    def __init__(self, run_dir: Optional[str] = None) -> None:
-        own = os.path.join(run_dir, ".savegame", "events.sock") if run_dir else None
+    def __init__(self, run_dir: Optional[str] = None, name: str = "events.sock") -> None:
+        """`name`: one per daemon of the folder (several nodes of a job share it: events.<node>.sock)."""
+        own = os.path.join(run_dir, ".savegame", name) if run_dir else None
         if own is not None and len(own.encode()) <= _SUN_PATH_MAX:
             self._folder, self._made_folder = os.path.dirname(own), False
         else:  # a run folder too deep for an AF_UNIX address
             self._folder, self._made_folder = tempfile.mkdtemp(prefix="savegame-", dir=_runtime_dir()), True
-        self.address = os.path.join(self._folder, "events.sock")
+        self.address = os.path.join(self._folder, name)
         self.dropped: collections.Counter[str] = collections.Counter()  # why -> how many
         self.sock = self._bind()
 

@@ -57,8 +57,8 @@ class Housekeeping:
         """Delete local checkpoints the policy does not keep: never the resume source, never one the
         bucket still needs, and nothing at all while the run's policy is unknown."""
         d = self.daemon
-        if not d.startup.policy_known:
-            return
+        if not d.startup.policy_known or not d.is_leader:
+            return  # unknown policy: nothing is deleted; of several nodes, the leader decides
         try:
             checkpoints = d.local.list()
             protected = {}
@@ -89,7 +89,7 @@ class Housekeeping:
         if reason:
             d.reason = reason
         try:
-            write_status(d.run_dir, self._status())
+            write_status(d.run_dir, self._status(), d.node.file("status.json"))
             self._status_error_logged = False
         except OSError as exc:  # a full disk must not take the supervisor down
             if not self._status_error_logged:
@@ -113,7 +113,14 @@ class Housekeeping:
             "hang_timeout_s": d.hang.timeout_s,
             "policy": _policy_summary(d), "policy_known": d.startup.policy_known,
             "protected": {str(step): why for step, why in self.protected.items()},
-            "events_dropped": dict(d.inbox.dropped), **d.observer.status_or_nothing()}
+            "events_dropped": dict(d.inbox.dropped), **d.observer.status_or_nothing(), **_job(d)}
+
+
+def _job(d: "Supervisor") -> dict:
+    """The job's world size and this node's ranks (nothing for one process)."""
+    job = d.ranks.summary()
+    node = {"node": d.node.name, "leader": d.is_leader} if d.node.name else {}
+    return {**({"job": job} if job else {}), **node}
 
 
 def _policy_summary(d: "Supervisor") -> dict:

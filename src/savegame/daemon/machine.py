@@ -58,6 +58,7 @@ class WorkerExited:
     last_step: Optional[int]  # the step it had reached (exact: the worker writes it at every boundary)
     loaded_step: Optional[int] = None  # the checkpoint it said it had loaded, if any
     emergency_saved: bool = False  # it reported an emergency commit (a wrapper may lose exit code 75)
+    note: str = ""  # how `code` was told when the process itself exited otherwise (torchrun: from its ranks)
     trained: bool = True  # it had announced itself (started training): a stop without its checkpoint loses work
     anomaly_step: Optional[int] = None  # exit 76: checkpoints at or after this step hold a bad state
     anomalies: int = 0  # exit 76: how many times the run's loss went bad so far, this one included
@@ -257,6 +258,8 @@ def _on_stopped(m: Machine, event: WorkerExited, how: str) -> Transition:
 
 def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy) -> Transition:
     how = f"exit code {event.code}" if event.code is not None else f"signal {_signal_name(event.signal)}"
+    if event.note:
+        how += f": {event.note}"
     if event.code == protocol.EXIT_ROLLBACK:
         return _on_anomaly(m, event, now, policy)
     if m.stopping:

@@ -82,6 +82,15 @@ class Mirror:
             self._requested = True
             self._cond.notify_all()
 
+    def forget(self) -> None:
+        """The bucket changed behind the mirror's back (the daemon set steps aside there): list it again
+        before anything relies on what it holds."""
+        with self._cond:
+            self._listed = False
+            self._remote = {}
+            self._requested = True
+            self._cond.notify_all()
+
     def request_sync(self, urgent_step: Optional[int] = None) -> None:
         """Look again; an `urgent_step` (emergency, final) goes before anything else, at once."""
         with self._cond:
@@ -101,6 +110,17 @@ class Mirror:
             return sorted((c.step for c in local if c.step not in self._remote and c.step not in skip), reverse=True)
         return awaiting_upload(local, remote, config.retention("mirror"), datetime.now(timezone.utc),
                                monitor=config.monitor, unmirrorable=skip)  # type: ignore[arg-type]
+
+    def missing(self) -> list[int]:
+        """Local steps the bucket's policy wants and the bucket does not hold, those it cannot take (its
+        step there holds something else) included: the truth for the daemon's exit."""
+        with self._cond:
+            config, remote = self._config, list(self._remote.values())
+        local = self.local.list()
+        if config is None:
+            return sorted((c.step for c in local if c.step not in self._remote), reverse=True)
+        return awaiting_upload(local, remote, config.retention("mirror"), datetime.now(timezone.utc),
+                               monitor=config.monitor)  # type: ignore[arg-type]
 
     def flush(self, timeout_s: float) -> list[int]:
         """Wait until the bucket holds everything it should (or the timeout passes); the steps it

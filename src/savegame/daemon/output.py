@@ -29,10 +29,11 @@ def binary_stream(name: str) -> Optional[BinaryIO]:
 
 
 class WorkerOutput:
-    def __init__(self, run_dir: str, stdout: Optional[BinaryIO], stderr: Optional[BinaryIO]) -> None:
+    def __init__(self, run_dir: str, stdout: Optional[BinaryIO], stderr: Optional[BinaryIO],
+                 names: tuple[str, str] = ("worker.out", "worker.err")) -> None:
         folder = os.path.join(run_dir, STATUS_DIR)
-        self._streams = [_Stream(os.path.join(folder, "worker.out"), stdout),
-                         _Stream(os.path.join(folder, "worker.err"), stderr)]
+        self._streams = [_Stream(os.path.join(folder, names[0]), stdout),
+                         _Stream(os.path.join(folder, names[1]), stderr)]
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="savegame-output", daemon=True)

@@ -103,8 +103,9 @@ def _same_or_inside(mirror: str, run_dir: str) -> bool:
 class RunLock:
     """One writer per run folder; held by the daemon and inherited by its workers."""
 
-    def __init__(self, run_dir: str, wait_for_orphans_s: float) -> None:
-        path = os.path.join(run_dir, STATUS_DIR, LOCK_FILE)
+    def __init__(self, run_dir: str, wait_for_orphans_s: float, name: str = LOCK_FILE) -> None:
+        path = os.path.join(run_dir, STATUS_DIR, name)
+        self.name = name
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -168,7 +169,7 @@ class RunLock:
             time.sleep(ORPHAN_POLL_S)
         os.close(self.fd)
         raise ConfigError(f"{self.run_dir} is still held by processes of an earlier run; find them with "
-                          f"`fuser {os.path.join(self.run_dir, STATUS_DIR, LOCK_FILE)}` and stop them")
+                          f"`fuser {os.path.join(self.run_dir, STATUS_DIR, self.name)}` and stop them")
 
 
 def _pid(value: Any) -> Optional[int]:

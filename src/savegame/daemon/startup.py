@@ -19,6 +19,7 @@ from savegame.daemon.deadline import with_deadline
 from savegame.daemon.process import check_command
 from savegame.daemon.resume import LIST_TIMEOUT_S, QUICK_LIST_S, MirrorUnreachable, ResumePoint
 from savegame.daemon.status import write_worker_settings
+from savegame.daemon.torchrun import check_torchrun
 from savegame.errors import ConfigError, StorageError
 from savegame.policy import read_policy, update_policy
 
@@ -36,6 +37,7 @@ class Startup:
         self.policy_known = False
         self.settings_path = ""
         self.mirror_started = False
+        self.launcher_env: dict[str, str] = {}  # added to the worker's environment (torchrun's settings)
         self._remote_wait_s = LIST_TIMEOUT_S  # shorter once local checkpoints could serve the resume
         self._stored_layer: Optional[Layer] = None  # the run's policy as found in storage at start
 
@@ -44,7 +46,9 @@ class Startup:
     def prepare(self) -> None:
         d = self.daemon
         check_command(d.settings["command"], os.environ)
-        self.settings_path = write_worker_settings(d.run_dir, explicit_for_worker(d.settings))
+        self.launcher_env = check_torchrun(d.settings["command"], os.environ, d.settings["grace"])
+        self.settings_path = write_worker_settings(d.run_dir, explicit_for_worker(d.settings),
+                                                   d.node.file("settings.json"))
         d.house.collect_garbage()
         if d.local.list():
             self._remote_wait_s = QUICK_LIST_S
@@ -52,7 +56,6 @@ class Startup:
         self._adopt_stored_policy()
         if d.settings["resume"] == "none":
             self._refuse_to_mix_runs()
-        self.mirror_started = d.mirror is not None
 
     def _check_mirror(self) -> None:
         """A bucket that does not exist is a configuration error; one that cannot be reached now is
@@ -93,15 +96,17 @@ class Startup:
         if not steps and d.remote is not None:
             remote = d.remote
             try:
-                steps = [c.step for c in with_deadline(remote.list, self._remote_wait_s, f"listing {remote.url}")]
+                steps = [c.step for c in with_deadline(remote.list, LIST_TIMEOUT_S, f"listing {remote.url}")]
                 where = remote.url
-            except StorageError:
-                steps = []
+            except StorageError as exc:  # its retention could delete an earlier run's checkpoints there
+                raise StorageError(exc.errno or 5, f"--resume none: cannot check that the mirror {remote.url} holds "
+                                   f"no earlier run ({exc.strerror or exc}); start again once it can be read") from None
         if steps:
             shown = f"{steps[0]}..{steps[-1]}" if len(steps) > 1 else str(steps[0])
             raise ConfigError(f"{where} already holds checkpoints of an earlier run (steps {shown}); --resume none "
                               "would put two runs in one place: give a new --dir (and --mirror), or move the old "
-                              "checkpoints away, or drop --resume none to continue that run")
+                              "checkpoints away, or drop --resume none to continue that run (`resume = \"none\"` in "
+                              "a config file refuses every restart of a run: give --resume none for a one-off start)")
 
     # -- the policy -------------------------------------------------------------------------------
 
@@ -152,7 +157,10 @@ class Startup:
         while True:
             try:
                 with d.notifier.busy("choosing and verifying the checkpoint to resume from"):
-                    return d.chooser.choose(choice, exclude=d.set_aside, before=before)
+                    point = d.chooser.choose(choice, exclude=d.set_aside, before=before)
+                if point is not None and choice == "best":
+                    self._supersede_newer(point.info.step)
+                return point
             except MirrorUnreachable as exc:
                 if time.monotonic() + delay > give_up_at:
                     raise MirrorUnreachable(f"{exc}; gave up after waiting {self.config['mirror_wait']:g}s "
@@ -165,6 +173,28 @@ class Startup:
                 if d.pause(delay):
                     return None
                 delay = min(delay * 2, MIRROR_RETRY_MAX_S)
+
+    def _supersede_newer(self, step: int) -> None:
+        """Resuming from the best, older than the newest, starts a new timeline from it: the newer
+        checkpoints are set aside (moved to .quarantine/, locally and in the bucket; never deleted), so
+        "latest" means the new timeline and its steps are free for it."""
+        d = self.daemon
+        why = f"superseded: the run resumed from step {step} (resume = best), a new timeline from there"
+        stores = [d.local] + ([d.remote] if d.remote is not None else [])
+        for store in stores:
+            try:
+                newer = [c.step for c in with_deadline(store.list, LIST_TIMEOUT_S, f"listing {store.url}")
+                         if c.step > step]
+                for old in newer:
+                    with_deadline(lambda: store.quarantine(old, why), LIST_TIMEOUT_S, f"setting step {old} aside")
+            except StorageError as exc:
+                log.warning("cannot set aside the checkpoints after step %d in %s: %s", step, store.url, exc)
+                continue
+            if newer:
+                log.warning("set aside steps %s in %s: the run resumed from step %d (resume = best); they are kept "
+                            "in .quarantine/ (`savegame ls --json --all` lists them)", newer, store.url, step)
+                if store is d.remote and d.mirror is not None:
+                    d.mirror.forget()
 
     def log_resume(self, fallback: bool) -> None:
         d = self.daemon

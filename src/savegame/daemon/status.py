@@ -6,12 +6,15 @@ shows as "?" rather than a traceback.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
 import uuid
 from typing import Any, Mapping, Optional
 
+from savegame.config import NODE_NAME
+from savegame.daemon.ranks import format_ranks
 from savegame.errors import MalformedInput
 from savegame.see.goodput import describe
 from savegame.storage.local import process_alive
@@ -24,12 +27,12 @@ TERMINAL_STATES = ("succeeded", "stopped", "failed")
 MAX_STATUS_BYTES = 1 << 20
 
 
-def status_path(run_dir: str) -> str:
-    return os.path.join(run_dir, STATUS_DIR, STATUS_FILE)
+def status_path(run_dir: str, name: str = STATUS_FILE) -> str:
+    return os.path.join(run_dir, STATUS_DIR, name)
 
 
-def settings_path(run_dir: str) -> str:
-    return os.path.join(run_dir, STATUS_DIR, SETTINGS_FILE)
+def settings_path(run_dir: str, name: str = SETTINGS_FILE) -> str:
+    return os.path.join(run_dir, STATUS_DIR, name)
 
 
 def write_json_file(path: str, data: Mapping[str, Any]) -> None:
@@ -58,18 +61,29 @@ def read_json_file(path: str) -> Optional[dict[str, Any]]:
     return data if isinstance(data, dict) else None
 
 
-def write_status(run_dir: str, status: Mapping[str, Any]) -> None:
-    write_json_file(status_path(run_dir), {**status, "updated": time.time()})
+def write_status(run_dir: str, status: Mapping[str, Any], name: str = STATUS_FILE) -> None:
+    write_json_file(status_path(run_dir, name), {**status, "updated": time.time()})
 
 
 def read_status(run_dir: str) -> Optional[dict[str, Any]]:
     return read_json_file(status_path(run_dir))
 
 
-def write_worker_settings(run_dir: str, settings: Mapping[str, Any]) -> str:
+def read_node_statuses(run_dir: str) -> dict[str, Optional[dict[str, Any]]]:
+    """node -> status of every node's daemon of a run on several nodes (None: damaged); empty otherwise."""
+    folder = os.path.join(run_dir, STATUS_DIR)
+    found = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "status.*.json"))):
+        node = os.path.basename(path)[len("status."):-len(".json")]
+        if NODE_NAME.fullmatch(node):
+            found[node] = read_json_file(path)
+    return found
+
+
+def write_worker_settings(run_dir: str, settings: Mapping[str, Any], name: str = SETTINGS_FILE) -> str:
     """The settings the user gave the daemon, for the worker (SAVEGAME_CONFIG)."""
-    write_json_file(settings_path(run_dir), settings)
-    return settings_path(run_dir)
+    write_json_file(settings_path(run_dir, name), settings)
+    return settings_path(run_dir, name)
 
 
 def _age(then: Any, now: float) -> str:
@@ -110,6 +124,7 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
     ]
     if isinstance(status.get("goodput"), dict):  # see/goodput.py; `savegame report` has the details
         lines.append(f"goodput:         {describe(status['goodput'])}")
+    lines += format_ranks(status, now)
     if mirror:
         lines.append(f"mirror:          {mirror.get('url')}: {mirror.get('pending', 0)} pending, last confirmed "
                      f"step {mirror.get('confirmed_step', '-')}, lag {_num(mirror.get('lag_s')):.1f}s")

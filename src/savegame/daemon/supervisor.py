@@ -27,8 +27,10 @@ from savegame.daemon.observer import Observer
 from savegame.daemon.output import WorkerOutput, binary_stream
 from savegame.daemon.preemption import Notice, PreemptionWatcher, notice_source
 from savegame.daemon.process import SpawnError, WorkerProcess, become_subreaper, reap_children, worker_env
+from savegame.daemon.nodes import NodesLock, node_of
+from savegame.daemon.ranks import RankTable
 from savegame.daemon.resume import ResumeChooser, ResumePoint
-from savegame.daemon.rundir import RunLock, open_mirror, open_run_folder, run_error, run_id_of
+from savegame.daemon.rundir import LOCK_FILE, RunLock, open_mirror, open_run_folder, run_error, run_id_of
 from savegame.daemon.sdnotify import Notifier
 from savegame.daemon.startup import Startup
 from savegame.daemon.status import STATUS_DIR
@@ -59,15 +61,18 @@ class Supervisor:
         self.remote = open_mirror(settings, run_dir) if settings["mirror"] else None  # refused before any mkdir
         self.local = open_run_folder(settings["dir"] or "./checkpoints")
         self.run_dir = self.local.location.path
-        self.lock = RunLock(self.run_dir, wait_for_orphans_s=settings["grace"] + 10)
+        self.node = node_of(settings)  # one of several nodes of a job: files of its own, one leader
+        self.lock = RunLock(self.run_dir, wait_for_orphans_s=settings["grace"] + 10, name=self.node.file(LOCK_FILE))
+        self.node_lock = NodesLock(self.run_dir) if self.node.name else None
         self.run_id = run_id_of(self.run_dir)
         self.policy = settings.restart_policy()
         self.machine = m.Machine(grace_s=settings["grace"])
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])
         self.notifier = Notifier()
-        self.inbox = EventInbox(self.run_dir)
+        self.inbox = EventInbox(self.run_dir, self.node.file("events.sock"))
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"))
+        self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"),
+                                   (self.node.file("worker.out"), self.node.file("worker.err")))
         self.mirror = (Mirror(self.local, self.remote, self.wake, settings["stale_after"], settings["upload_timeout"])
                        if self.remote else None)
         self.startup = Startup(self)
@@ -90,6 +95,8 @@ class Supervisor:
         self.last_checkpoint: dict[str, Any] = {}
         self.last_event_mono = time.monotonic()
         self.announced: dict[int, set[str]] = {}  # pid -> the signals it handles (from its hello)
+        self.ranks = RankTable()  # the ranks of a torch.distributed job on this node (from their hellos)
+        self._leading = False
         self.loaded_step: Optional[int] = None  # the checkpoint the current worker said it loaded
         self.resume_superseded = False  # the current worker committed past its resume source
         self.emergency_saved = False  # the current worker reported an emergency commit
@@ -144,8 +151,8 @@ class Supervisor:
         self.output.start()
         self.startup.prepare()
         self.watcher.start()
-        if self.mirror:
-            self.mirror.start()
+        if self.is_leader:
+            self._lead("the only node" if self.node.name is None else "given --leader")
         if self.preemption:
             self.preemption.start()
         log.info("run %s in %s%s", self.run_id, self.run_dir, f", mirrored to {self.remote.url}" if self.remote else "")
@@ -256,6 +263,7 @@ class Supervisor:
             kind = event["event"]
             if kind == protocol.EVENT_HELLO:
                 self._on_hello(event)
+            self.ranks.note(event)
             if kind in HEARTBEAT_EVENTS:
                 self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
             if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
@@ -275,12 +283,39 @@ class Supervisor:
         handles = event.get("handles")
         names = {h for h in handles if h in KNOWN_SIGNALS} if isinstance(handles, list) else set()
         pid = int(event["pid"])
+        rank = self.ranks.hello(event)
         if pid not in self.announced:
-            log.info("worker process %d is ready (handles %s)", pid, ", ".join(sorted(names)) or "no signals")
+            of = f", rank {rank.rank} of {rank.world_size}" if rank.world_size > 1 else ""
+            log.info("worker process %d is ready (handles %s%s)", pid, ", ".join(sorted(names)) or "no signals", of)
         self.announced[pid] = names
+        if self.ranks.hosts_rank0 and not self.is_leader:
+            self._lead(f"it runs global rank 0 (pid {pid})")
         self.house.write_status()  # `savegame status` (and whoever waits on it) sees the worker ready at once
 
+    @property
+    def is_leader(self) -> bool:
+        """Whether this daemon runs retention and the mirror (of several nodes' daemons, only one)."""
+        return self.node.name is None or self.node.pinned_leader or self._leading
+
+    def _lead(self, why: str) -> None:
+        """Take on retention and the mirror (once; a job whose rank 0 moves keeps its first leader too)."""
+        first = not self._leading
+        self._leading = True
+        if self.node.name is not None and first:
+            log.info("node %s leads the run (retention, mirror): %s", self.node.name, why)
+        if self.mirror and not self.startup.mirror_started:
+            self.startup.mirror_started = True
+            self.mirror.start()
+        self.house.dirty = True
+
+    def _inherited_fds(self) -> tuple[int, ...]:
+        """The locks the worker inherits: the run folder stays held while any process of the run lives."""
+        return (self.lock.fd,) + ((self.node_lock.fd,) if self.node_lock else ())
+
     def _note_commit(self, event: Mapping[str, Any]) -> None:
+        if self.ranks.multi_rank and {k: self.last_checkpoint.get(k) for k in ("step", "reason")} == \
+                {k: event.get(k) for k in ("step", "reason")}:
+            return  # the same commit, told by another rank of the job
         self.last_checkpoint = {k: event.get(k) for k in ("step", "epoch", "reason", "path", "bytes", "metrics")}
         self.last_checkpoint["time"] = time.time()
         step = number(event, "step")
@@ -304,9 +339,14 @@ class Supervisor:
         self._exit_reported = True
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
         code, signum = status
+        senders = self.ranks.senders()
+        launcher = bool(senders) and self.worker.pid not in senders  # torchrun (or a wrapper), not a rank itself
+        meant, note = self.ranks.translate(code, launcher) if signum is None else (code, "")
         step = self.progress.read() if self.progress else None
-        self.events.append(m.WorkerExited(code, signum, step, self.loaded_step, emergency_saved=self.emergency_saved,
-                                          trained=bool(self.announced), **self.decisions.worker_exited(code, step)))
+        self.events.append(m.WorkerExited(meant, signum, step, self.loaded_step, emergency_saved=self.emergency_saved,
+                                          trained=bool(self.announced),
+                                          note=f"{note}; the launcher exited {code}" if note else "",
+                                          **self.decisions.worker_exited(meant, step)))
         self.house.collect_garbage()  # a dead worker's half-written checkpoint
         self.timers.pop("grace", None)
         self.timers.pop("dump", None)
@@ -395,17 +435,18 @@ class Supervisor:
             return  # a stop arrived while choosing: the StopRequested event ends the run
         self.startup.log_resume(fallback)
         self.attempt += 1
-        progress_path = os.path.join(self.run_dir, STATUS_DIR, "progress")
+        progress_path = os.path.join(self.run_dir, STATUS_DIR, self.node.file("progress"))
         if self.progress is not None:
             self.progress.close()
         self.progress = protocol.ProgressCell(progress_path, create=True)
         env = worker_env(os.environ, self.run_dir, self.resume_point.info.path if self.resume_point else None,
                          self.run_id, self.attempt, self.inbox.address, self.startup.settings_path, progress_path)
+        env.update(self.startup.launcher_env)
         if self._stop_pending():
             return  # a stop arrived while preparing: the StopRequested event ends the run
         env = self.decisions.worker_env(env)
         try:
-            self.worker = WorkerProcess(self.config["command"], env, keep_fds=(self.lock.fd,),
+            self.worker = WorkerProcess(self.config["command"], env, keep_fds=self._inherited_fds(),
                                         stdout=self.output.fds[0], stderr=self.output.fds[1],
                                         oom_score_adj=self.config["worker_oom_score_adj"])
         except SpawnError as exc:
@@ -415,6 +456,7 @@ class Supervisor:
         self.house.dirty = True  # retention looks again: a new resume source to protect
         self._exit_reported = False
         self.heartbeat, self.announced, self.loaded_step = {}, {}, None
+        self.ranks.reset()
         self.resume_superseded = self.emergency_saved = False
         self.last_event_mono = time.monotonic()
         self.hang.new_worker()

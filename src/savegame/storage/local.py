@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import socket
 import stat
 import time
 import uuid
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Optional
 
 from savegame.errors import CheckpointExists, CorruptCheckpoint, MalformedInput, StorageError
 from savegame.storage.backends import QUARANTINE_DIR, STAGING_DIR, FolderEntry, Sink, Staging, StagingEntry
@@ -47,18 +48,23 @@ class _LocalSink:
 
 
 class _LocalStaging:
-    def __init__(self, backend: "LocalBackend", name: str) -> None:
+    def __init__(self, backend: "LocalBackend", name: str, joined: Optional[str] = None) -> None:
+        """A new staging folder, or (`joined`: its token) one another process made."""
         self._backend = backend
         self._name = name
         owner = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self._staged = f"{name}.{owner}"
+        self._staged = joined or f"{name}.{owner}"
         with backend.root_fd() as root_fd:
             staging_fd = backend.staging_fd(root_fd, create=True)
             try:
-                os.mkdir(self._staged, 0o755, dir_fd=staging_fd)
+                if joined is None:
+                    os.mkdir(self._staged, 0o755, dir_fd=staging_fd)
+                else:  # it must be a real folder of this step's staging, not a planted link
+                    os.close(real_subdir(staging_fd, joined, os.path.join(STAGING_DIR, joined)) or _gone(joined))
             finally:
                 os.close(staging_fd)
         self.path = os.path.join(backend.root, STAGING_DIR, self._staged)
+        self.token = self._staged
 
     def open(self, relpath: str) -> Sink:
         full = os.path.join(self.path, relpath)
@@ -185,6 +191,12 @@ class LocalBackend:
             _refuse_committed(root_fd, name)
         return _LocalStaging(self, name)
 
+    def join(self, name: str, token: str) -> Staging:
+        """The staging folder `token` (from another process's `stage(name)`), to write files into."""
+        if not _STAGED_NAME.fullmatch(token) or not token.startswith(name + "."):
+            raise StorageError(errno.EINVAL, f"{token[:80]!r} is not a staging folder of {name}")
+        return _LocalStaging(self, name, joined=token)
+
     def remove_folder(self, name: str) -> None:
         """Delete a checkpoint folder: manifest first (and synced), then the rest, links never followed."""
         with self.root_fd() as root_fd:
@@ -264,6 +276,13 @@ class LocalBackend:
                     os.close(staging_fd)
                 return
             _make_room(root_fd, relpath)
+
+
+_STAGED_NAME = re.compile(r"ckpt-[0-9]{12}\.[A-Za-z0-9_.-]{1,255}\.[0-9]{1,10}\.[0-9a-f]{8}")
+
+
+def _gone(token: str) -> int:
+    raise FileNotFoundError(errno.ENOENT, f"the staging folder {token} is gone (its writer aborted the save)")
 
 
 def _write_synced(dir_fd: int, name: str, data: bytes) -> None:

@@ -24,6 +24,7 @@ MANIFEST_DEPTH = 8  # the format nests 3 deep; some room for what later versions
 MAX_FILES = 100_000
 MAX_FILE_BYTES = 1 << 50  # 1 PiB per file
 MAX_STEP = 10**12 - 1  # what the 12-digit folder name holds
+MAX_WORLD_SIZE = 1 << 20  # ranks of a sharded checkpoint
 _FOLDER_RE = re.compile(r"ckpt-([0-9]{12})")  # ASCII digits only, whole name: one name per step
 
 
@@ -69,6 +70,7 @@ class Manifest:
     run_id: str = ""
     resumed_from: int | None = None
     format: int = FORMAT_VERSION
+    world_size: int | None = None  # the ranks that wrote it (sharded checkpoints only; None: one process)
 
     @property
     def total_bytes(self) -> int:
@@ -83,6 +85,8 @@ class Manifest:
         data = asdict(self)
         data["files"] = [asdict(f) for f in self.files]
         data["metrics"] = {k: float(v) for k, v in self.metrics.items() if math.isfinite(v)}
+        if self.world_size is None:
+            del data["world_size"]  # one process: the manifest stays as it always was
         return json.dumps(data, indent=1, sort_keys=True, allow_nan=False).encode()
 
 
@@ -168,6 +172,7 @@ def _manifest_from_dict(data: dict[str, Any], what: str) -> Manifest:
         run_id=field(data, "run_id", _text_field, what, default=""),
         resumed_from=field(data, "resumed_from", optional(integer(0, MAX_STEP)), what, default=None),
         format=field(data, "format", integer(1, FORMAT_VERSION), what),
+        world_size=field(data, "world_size", optional(integer(1, MAX_WORLD_SIZE)), what, default=None),
     )
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import errno
 import time
+import uuid
 from typing import Any, BinaryIO, Iterator
 
 from savegame.errors import CheckpointExists
-from savegame.storage.backends import FolderEntry, Sink, Staging, StagingEntry
+from savegame.storage.backends import QUARANTINE_DIR, FolderEntry, Sink, Staging, StagingEntry
 from savegame.storage.location import Location, open_filesystem
 from savegame.storage.manifest import MANIFEST_MAX, MANIFEST_NAME, QUARANTINE_NAME, step_of_folder
 from savegame.storage.manifestcache import ManifestCache
@@ -35,8 +36,9 @@ class _ObjectStaging:
     def __init__(self, backend: "ObjectBackend", name: str, claim: str) -> None:
         self._backend = backend
         self._name = name
-        self.claim = claim
+        self.claim = claim  # "": joined (another process holds the claim and commits)
         self._written: list[str] = []
+        self.token = name  # no rename: everyone writes under the final prefix
 
     def open(self, relpath: str) -> Sink:
         path = self._backend.full(f"{self._name}/{relpath}")
@@ -127,9 +129,13 @@ class ObjectBackend:
         folders: dict[str, dict[str, Any]] = {}
         tags: dict[str, str] = {}  # manifest path -> its ETag in the listing
         indexed = False
+        aside: set[str] = set()
         for rel, info in self._walk_files():
             indexed = indexed or rel == INDEX_PATH
             name, _, inner = rel.partition("/")
+            if name == QUARANTINE_DIR and inner:
+                aside.add(inner.split("/", 1)[0])
+                continue
             if not inner or step_of_folder(name) is None:
                 continue
             seen = folders.setdefault(name, {"files": {}, "modified": 0.0})
@@ -140,8 +146,10 @@ class ObjectBackend:
         contents = self._read_manifests(tags, indexed)
         self._manifests = {self._folder_of(p): (tags[p], data) for p, data in contents.items()
                            if isinstance(data, bytes) and tags[p]}
+        moved = [FolderEntry(f"{QUARANTINE_DIR}/{n}", step_of_folder(n.split(".")[0]) or 0, None, None, False, True,
+                             None) for n in sorted(aside) if step_of_folder(n.split(".")[0]) is not None]
         return [self._entry(name, seen, contents.get(self.full(f"{name}/{MANIFEST_NAME}")))
-                for name, seen in folders.items()]
+                for name, seen in folders.items()] + moved
 
     def _read_manifests(self, tags: dict[str, str], indexed: bool) -> dict[str, bytes | BaseException]:
         """Each listed manifest: from the cache when its ETag matches, else from the bucket's index
@@ -220,6 +228,14 @@ class ObjectBackend:
             raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
         return staging
 
+    def join(self, name: str, token: str) -> Staging:
+        """Files for a checkpoint another process began (and holds the claim of): the final prefix."""
+        if token != name:
+            raise CheckpointExists(errno.EINVAL, f"{token[:80]!r} is not a staging of {name}")
+        if self.manifest_exists(name):
+            raise CheckpointExists(errno.EEXIST, f"{self.location.url}/{name} is already a committed checkpoint")
+        return _ObjectStaging(self, name, "")
+
     def put_create_only(self, relpath: str, data: bytes) -> None:
         """Write a small object only if it does not exist (S3 If-None-Match: *)."""
         path = self.full(relpath)
@@ -247,8 +263,16 @@ class ObjectBackend:
         self.fs.invalidate_cache(self.root)
 
     def quarantine(self, name: str, data: bytes) -> None:
-        """Object stores cannot rename cheaply: a marker file takes the folder out of the listing."""
+        """A marker takes the folder out of the listing at once; then a server-side copy moves it under
+        .quarantine/ and the original goes (manifest first), so its step is free for a good copy, as on
+        local disk. A copy that fails leaves the marked folder where it is: still out of the listing."""
         self.fs.pipe_file(self.full(f"{name}/{QUARANTINE_NAME}"), data)
+        aside = f"{QUARANTINE_DIR}/{name}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:6]}"
+        try:
+            self.fs.copy(self.full(name), self.full(aside), recursive=True)
+        except Exception:  # noqa: BLE001 - best effort: the marker already did what matters
+            return
+        self.remove_folder(name)
 
     def list_staging(self) -> list[StagingEntry]:
         """Object stores stage under the final name: leftovers are folders without a manifest (scan)."""

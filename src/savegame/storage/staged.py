@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from savegame.errors import CorruptCheckpoint
 from savegame.storage.backends import Staging
@@ -69,14 +69,38 @@ class HashingWriter:
 
 
 class StagedCheckpoint:
-    """A checkpoint being written; invisible to readers until `commit`."""
+    """A checkpoint being written; invisible to readers until `commit`.
 
-    def __init__(self, store: "CheckpointStore", step: int, staging: Staging) -> None:
+    Several processes (the ranks of one job) may write one checkpoint: the one that began it passes
+    its `token` to the others, who `store.join(step, token)` and write their own files (a joined
+    checkpoint never commits); the first `adopt`s what they report, then commits.
+    """
+
+    def __init__(self, store: "CheckpointStore", step: int, staging: Staging, joined: bool = False) -> None:
         self.store = store
         self.step = step
         self._staging = staging
         self._files: dict[str, FileEntry] = {}
         self._done = False
+        self.joined = joined
+
+    @property
+    def token(self) -> str:
+        """What another process needs to join this checkpoint (`CheckpointStore.join`)."""
+        return self._staging.token
+
+    @property
+    def files(self) -> list[FileEntry]:
+        """The files written (or adopted) so far, closed and checksummed."""
+        return list(self._files.values())
+
+    def adopt(self, entries: Iterable[FileEntry]) -> None:
+        """Files another process wrote into this checkpoint (through `join`), listed in the manifest."""
+        for entry in entries:
+            check_payload_path(entry.path)
+            if entry.path in self._files:
+                raise ValueError(f"{entry.path} was written twice into step {self.step}")
+            self._files[entry.path] = entry
 
     def open(self, relpath: str) -> HashingWriter:
         try:
@@ -96,11 +120,13 @@ class StagedCheckpoint:
 
     def commit(self, *, epoch: int = 0, reason: str = "periodic", metrics: Mapping[str, float] | None = None,
                framework: str = "", run_id: str = "", resumed_from: int | None = None,
-               created: str | None = None) -> CheckpointInfo:
+               created: str | None = None, world_size: int | None = None) -> CheckpointInfo:
+        if self.joined:
+            raise ValueError(f"step {self.step}: only the process that began a checkpoint commits it")
         manifest = Manifest(step=self.step, epoch=epoch, reason=reason, created=created or utc_now_iso(),
                             files=tuple(self._files[k] for k in sorted(self._files)),
                             metrics=dict(metrics or {}), framework=framework, run_id=run_id,
-                            resumed_from=resumed_from)
+                            resumed_from=resumed_from, world_size=world_size)
         try:
             raw = manifest.to_json()
             parse_manifest(raw, folder_name(self.step))  # what readers would refuse is never written
@@ -118,10 +144,12 @@ class StagedCheckpoint:
         return CheckpointInfo(manifest, name, self.store.path_of(name))
 
     def abort(self) -> None:
+        """Drop what was staged; a joined checkpoint leaves that to the process that began it."""
         if not self._done:
             self._done = True
-            with contextlib.suppress(Exception):
-                self._staging.abort()
+            if not self.joined:
+                with contextlib.suppress(Exception):
+                    self._staging.abort()
 
     def __enter__(self) -> "StagedCheckpoint":
         return self

@@ -107,6 +107,14 @@ class CheckpointStore:
             staging = self._backend.stage(name)
         return StagedCheckpoint(self, step, staging)
 
+    def join(self, step: int, token: str) -> StagedCheckpoint:
+        """Write files into a checkpoint another process began (`StagedCheckpoint.token`); that process
+        lists them in its manifest (`adopt`) and commits. Used by the ranks of a multi-process job."""
+        name = folder_name(step)
+        with mapped_errors(f"{self.url}: cannot join checkpoint {name}"):
+            staging = self._backend.join(name, token)
+        return StagedCheckpoint(self, step, staging, joined=True)
+
     def open_file(self, info: CheckpointInfo, relpath: str) -> BinaryIO:
         with mapped_errors(f"{info.path}: cannot open {relpath}"):
             return self._backend.open_read(f"{info.name}/{relpath}")
@@ -206,7 +214,8 @@ def copy_checkpoint(source: CheckpointStore, info: CheckpointInfo, dest: Checkpo
         manifest = info.manifest
         return staged.commit(epoch=manifest.epoch, reason=manifest.reason, metrics=manifest.metrics,
                              framework=manifest.framework, run_id=manifest.run_id,
-                             resumed_from=manifest.resumed_from, created=manifest.created)
+                             resumed_from=manifest.resumed_from, created=manifest.created,
+                             world_size=manifest.world_size)
 
 
 def _copy_file(source: CheckpointStore, info: CheckpointInfo, entry: FileEntry, staged: StagedCheckpoint,

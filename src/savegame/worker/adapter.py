@@ -37,6 +37,9 @@ class Capture:
     # into the blobs' buffers), and the writer calls `ready(n)` before writing data bytes [0, n).
     fill: Optional[Callable[[], None]] = None
     ready: Optional[Callable[[int], None]] = None
+    # Captures that write and commit in their own way (the ranks of a job, each writing its part of
+    # one checkpoint): the writer thread calls write(store, save_job) instead of writing the above.
+    write: Optional[Callable[[CheckpointStore, Any], CheckpointInfo]] = None
 
 
 class Owner(Protocol):

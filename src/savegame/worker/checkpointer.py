@@ -33,6 +33,7 @@ from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
 from savegame.worker.cadence import AutoCadence
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.commits import Commits, apply_retention
+from savegame.worker import exits
 from savegame.worker.exits import exit_config, exit_io, protect_output, say, say_now
 from savegame.worker.guard import LossGuard
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
@@ -61,6 +62,7 @@ class Checkpointer:
                  rollback: Optional[Mapping[str, Any]] = None) -> None:
         self._link = DaemonLink(self._status)
         self.supervised = self._link.supervised
+        exits.on_exit = lambda code, line: self._link.send("exiting", code=code, error=line[:500])
         if self.supervised:
             protect_output()  # a full disk under the daemon's output files must not kill training
         try:
@@ -98,6 +100,7 @@ class Checkpointer:
         self._stall = [0.0, 0]  # seconds the training thread spent in saves, and how many (told to the daemon)
         self._writer = BackgroundWriter(self.store, self._commits.done)
         self._resume_mid_epoch = False
+        self._agreement: Any = None  # the ranks of a torch.distributed job: decisions every rank takes alike
         self._epoch_open = False
         self._deferred: Optional[str] = None  # a periodic save put off to the next boundary
         # True once the script works in epochs (epochs(), batches(), end_epoch(), the Keras callback): a
@@ -116,6 +119,9 @@ class Checkpointer:
             bind = getattr(self._adapter, "bind", None)
             if bind is not None:
                 bind(self)  # adapters that save the step counter read self.progress at capture time
+            agreement = getattr(self._adapter, "agreement", None)
+            if agreement is not None:
+                self._agreement = agreement(self._schedule)
         self._adapter.add(**objects)  # type: ignore[attr-defined]
         return self
 
@@ -132,7 +138,11 @@ class Checkpointer:
 
     def restore(self) -> Optional[CheckpointInfo]:
         """Load the checkpoint to resume from, if any. Returns it, or None for a fresh start."""
-        for store, info in resume_sources(self.store, self.config, self.supervised):
+        sources = resume_sources(self.store, self.config, self.supervised)
+        agree_resume = getattr(self._adapter, "agree_resume", None)
+        if agree_resume is not None:  # the ranks of a job: all from the same step, or all fresh
+            agree_resume(sources[0][1].step if sources else None)
+        for store, info in sources:
             try:
                 self._load(store, info)
             except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
@@ -158,9 +168,9 @@ class Checkpointer:
 
     def _load(self, store: CheckpointStore, info: CheckpointInfo) -> None:
         reader = CheckpointReader(store, info)
-        core = reader.state
         if self._adapter is not None:
             self._adapter.restore(reader)
+        core = reader.state  # after the adapter's restore: a rank of a job reads its own part
         self.progress = Progress.from_json(core["progress"])
         self.state = decode(core.get("user", {"__dict__": {}}), _no_tensors)
         best = core.get("history", {}).get("best")
@@ -188,11 +198,15 @@ class Checkpointer:
         handles = self._requests.install() if self._handle_signals else []
         if self.supervised:
             self._link.hello(handles)  # the daemon's lock, inherited, keeps other writers off the folder
-        else:
+        elif self._coordinator():  # of a job's ranks, rank 0 holds the folder and stores the policy
             self._lock_fd = self._lock_folder()
             self._store_policy()
         if self._cadence is not None:
             self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
+
+    def _coordinator(self) -> bool:
+        """This process alone, or rank 0 of a torch.distributed job."""
+        return getattr(getattr(self._adapter, "job", None), "rank", 0) == 0
 
     def _lock_folder(self) -> Optional[int]:
         """One writer per run folder: on its own, the script holds the folder's lock while it trains."""
@@ -273,8 +287,11 @@ class Checkpointer:
                       "`savegame run` resumes from it", self._link.address)
             self._requests.stop = True
         stop = self._requests.stop
-        reason = None if stop else ("manual" if self._requests.take_checkpoint()
-                                    else self._schedule.due(moment, self._history))
+        if self._agreement is not None:  # several ranks: every one stops, or saves, at the same step
+            stop, reason = self._agreement.decide(moment, self._history, stop, self._requests.take_checkpoint())
+        else:
+            reason = None if stop else ("manual" if self._requests.take_checkpoint()
+                                        else self._schedule.due(moment, self._history))
         reason = self._defer(reason, moment)
         monitor = self.config.monitor
         before = self._history.best
@@ -288,6 +305,8 @@ class Checkpointer:
             self._stop(moment)
         if reason:
             self._save(reason, moment.metrics)
+        if self._agreement is not None and not moment.at_epoch_end:
+            self._agreement.launch(saved=bool(reason))
 
     def _defer(self, reason: Optional[str], moment: Moment) -> Optional[str]:
         """A periodic save due at a step that may be the epoch's last (unknown epoch length, or the
@@ -344,6 +363,10 @@ class Checkpointer:
         return self._requests.stop
 
     # -- saving ---------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Block until the save in flight (if any) is committed or has failed."""
+        self._writer.wait()
 
     def save(self, reason: str = "manual", wait: bool = False) -> None:
         """Save now (at a step boundary). `wait=True` returns only once it is committed."""
@@ -403,10 +426,12 @@ class Checkpointer:
         return {"format": STATE_FORMAT, "progress": self.progress.to_json(), "rng": rng_state(),
                 "user": Encoder(lambda _: False).encode(self.state, "user"),
                 "history": {"best": self._history.best, "losses": self._guard.state(),
-                            "save_cost": self._cadence.state() if self._cadence else None}}
+                            "save_cost": self._cadence.state() if self._cadence else None},
+                "uses_epochs": self.uses_epochs}
 
     def _committed(self, info: CheckpointInfo) -> None:
-        if not self.supervised:  # the daemon applies retention to what it supervises
+        if not self.supervised and self._coordinator():
+            # the daemon applies retention to what it supervises; of a job's ranks, rank 0 does.
             # The resume source is protected until a newer checkpoint stands in for it.
             record_commit(self.store, info, self._writer.last_persist_s)  # the run's history (savegame history)
             superseded = self.resumed_from is not None and info.step > self.resumed_from
@@ -419,7 +444,9 @@ class Checkpointer:
         self._link.send("saving", step=moment.step, reason="emergency")
         self._commit_now("emergency", moment.metrics if moment.at_epoch_end else {})
         self.narrator.saved(moment.step, "emergency")
-        self._report("stopping")
+        # "agreed": another rank of the job (maybe on another node) asked, not this one
+        self._report("stopping", why="requested" if self._requests.stop else "agreed")
+        self._leave_job()
         self.close()
         if self._requests.interrupted and not self.supervised:
             say(f"interrupted: saved step {moment.step} (emergency); run again to resume")
@@ -428,9 +455,12 @@ class Checkpointer:
     def finish(self) -> None:
         """End of training: commit the final state, wait for it, tell the daemon. A final state that
         cannot be committed (a full disk) ends the process with exit 74, not a silent success."""
+        if self._agreement is not None:
+            self._agreement.drain()
         self._check_loss()
         self._commit_now("final", self.metrics)
         self._report("finished")
+        self._leave_job()
         self.close()
 
     def _commit_now(self, reason: str, metrics: Mapping[str, float]) -> None:
@@ -441,6 +471,14 @@ class Checkpointer:
         if self._commits.step != self.progress.step and error is not None:
             self.close()
             exit_io(f"the {reason} checkpoint (step {self.progress.step}) was not saved: {error}")
+
+    def _leave_job(self) -> None:
+        """Every rank of a job is here together (final or emergency commit): let the job's checkpoint
+        groups go now rather than in the script's own teardown."""
+        leave = getattr(self._adapter, "leave_job", None)
+        if leave is not None:
+            self._writer.wait()
+            leave()
 
     def close(self) -> None:
         """Wait for the save in flight, give the signal handlers back, stop reporting."""

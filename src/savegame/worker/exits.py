@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, Optional
 
 from savegame import protocol
 from savegame.errors import ConfigError
+
+
+# Told the exit code and line before the process exits: the Checkpointer reports them to the daemon,
+# which would otherwise see only a launcher's own code (torchrun exits 1 whatever its ranks meant).
+on_exit: Optional[Callable[[int, str], None]] = None
+
+
+def _report(code: int, line: str) -> None:
+    if on_exit is not None:
+        try:
+            on_exit(code, line)
+        except Exception:  # noqa: BLE001 - reporting must never hide the exit itself
+            pass
 
 
 def say(line: str) -> None:
@@ -74,10 +87,12 @@ def say_now(line: str) -> None:
 def exit_config(exc: ConfigError) -> NoReturn:
     """A mistake in the script or its settings: say so and exit 78 (the daemon does not retry it)."""
     say(f"configuration error: {exc}")
+    _report(protocol.EXIT_CONFIG, f"configuration error: {exc}")
     raise SystemExit(protocol.EXIT_CONFIG)
 
 
 def exit_io(line: str) -> NoReturn:
     """A checkpoint that must exist was not committed (a full disk, an I/O error): exit 74."""
     say(line)
+    _report(protocol.EXIT_IO, line)
     raise SystemExit(protocol.EXIT_IO)

@@ -96,7 +96,9 @@ class DaemonLink:
         """Announce the training process: the daemon signals this pid (not a wrapper's), and sends
         SIGUSR1 only when it is handled."""
         rank, world_size = process_rank()
-        self._events.send(protocol.EVENT_HELLO, handles=handles, rank=rank, world_size=world_size)
+        local = os.environ.get("LOCAL_RANK", "")  # torchrun's: this rank's number on its node
+        extra = {"local_rank": int(local)} if local.isdigit() else {}
+        self._events.send(protocol.EVENT_HELLO, handles=handles, rank=rank, world_size=world_size, **extra)
 
     def close(self) -> None:
         self._events.close()
@@ -110,7 +112,8 @@ def process_rank() -> tuple[int, int]:
             return int(dist.get_rank()), int(dist.get_world_size())
     except (RuntimeError, ValueError):
         pass
-    return 0, 1
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")  # torchrun's, before init
+    return (int(rank), int(world)) if rank.isdigit() and world.isdigit() else (0, 1)
 
 
 

@@ -15,6 +15,12 @@ def make_adapter(framework: Optional[str], objects: Mapping[str, Any]) -> Adapte
     """The adapter for `framework`, or for the framework of the tracked objects (imported lazily)."""
     name = framework or _detect_framework(objects)
     if name == "torch":
+        from savegame.worker.torch.distributed import check_initialized, distributed
+        check_initialized()
+        if distributed():  # one rank of a torch.distributed job: sharded checkpoints
+            from savegame.worker.torch.distributed import join_job
+            from savegame.worker.torch.sharded import ShardedTorchAdapter
+            return ShardedTorchAdapter(join_job())
         from savegame.worker.torch.adapter import TorchAdapter
         return TorchAdapter()
     if name == "keras":

@@ -38,6 +38,8 @@ class SaveJob:
 
 def write_checkpoint(store: CheckpointStore, job: SaveJob) -> CheckpointInfo:
     """Stage, write, commit. The capture's buffers are only read, never kept."""
+    if job.capture.write is not None:
+        return job.capture.write(store, job)
     staged = store.begin(job.step)
     try:
         with staged:

@@ -219,15 +219,25 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     """Shuffles like RandomSampler, but from (seed, epoch) alone, and can start mid-epoch.
 
     Use it as the DataLoader's sampler; `Checkpointer.batches` sets the epoch and the start, so a
-    resumed run sees exactly the batches an uninterrupted run would have seen next.
+    resumed run sees exactly the batches an uninterrupted run would have seen next. In a
+    torch.distributed job it shards like DistributedSampler: every rank shuffles the same order,
+    pads it to a multiple of the number of ranks, and takes every world_size-th index from its rank
+    (`rank` and `num_replicas` default to the job's), so every rank runs the same number of steps.
     """
 
-    def __init__(self, data_source: Any, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, data_source: Any, shuffle: bool = True, seed: int = 0, *,
+                 rank: Optional[int] = None, num_replicas: Optional[int] = None) -> None:
         self.size = data_source if isinstance(data_source, int) else len(data_source)
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
         self.start = 0
+        job_rank, job_size = _job_rank()
+        self.rank = job_rank if rank is None else rank
+        self.num_replicas = job_size if num_replicas is None else num_replicas
+        if not 0 <= self.rank < self.num_replicas:
+            raise ConfigError(f"ResumableSampler: rank {self.rank} is not in [0, {self.num_replicas})")
+        self.shard_size = -(-self.size // self.num_replicas)  # padded like DistributedSampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -242,11 +252,23 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
+        if self.num_replicas > 1:
+            total = self.shard_size * self.num_replicas
+            order = (order * (-(-total // max(len(order), 1))))[:total]  # pad by repeating the start
+            order = order[self.rank:total:self.num_replicas]
         start, self.start = self.start, 0
         return iter(order[start:])
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return (self.size if self.num_replicas == 1 else self.shard_size) - self.start
+
+
+def _job_rank() -> tuple[int, int]:
+    """(rank, number of ranks) of an initialized torch.distributed job, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _is_stateful(loader: Any) -> bool:

@@ -21,7 +21,10 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
 TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
 PAGE = 4096
 COPY_CHUNK = 8 << 20
-COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+# The ranks torchrun starts on one node share its cores: each copies with its share of them.
+_LOCAL_RANKS = os.environ.get("LOCAL_WORLD_SIZE", "")
+COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // (int(_LOCAL_RANKS) if _LOCAL_RANKS.isdigit() and
+                                                       int(_LOCAL_RANKS) > 0 else 1)))
 PARALLEL_MIN = 4 << 20  # below this, one thread copies
 
 

@@ -1,4 +1,4 @@
-"""Review reproductions (issue 8 items 1, 2 and C: "a resume never silently goes back in time").
+"""Found by an adversarial review (each case failed before its fix) (issue 8 items 1, 2 and C: "a resume never silently goes back in time").
 
 1. `--resume best` over newer checkpoints starts a second timeline in the same folder. The next start
    with the default `latest` resumes from the abandoned timeline's newest checkpoint, skipping the

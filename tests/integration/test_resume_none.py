@@ -1,4 +1,4 @@
-"""Review reproduction (issue 8 item 2 and C9): `--resume none` is refused over an earlier run's
+"""Found by an adversarial review (it failed before its fix) (issue 8 item 2 and C9): `--resume none` is refused over an earlier run's
 checkpoints, locally or in the bucket. When the bucket cannot be listed at start (network not up yet),
 the check quietly finds "no steps" and the new run starts; once the network is back, its mirror
 uploads into the earlier run's prefix and the bucket's retention deletes the earlier run's

@@ -1,6 +1,6 @@
-"""Review reproductions (issue 8 E16/E20, B): a full or read-only run folder in the middle of a run.
+"""Found by an adversarial review (each case failed before its fix) (issue 8 E16/E20, B): a full or read-only run folder in the middle of a run.
 
-Each test fails today. They need root (tmpfs mounts, an ext4 loop device).
+They need root (tmpfs mounts, an ext4 loop device).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review reproductions (issue 9 item 6, SECURITY.md "The run folder"): who else can change the run folder.
+"""Found by an adversarial review (each case failed before its fix) (issue 9 item 6, SECURITY.md "The run folder"): who else can change the run folder.
 
 - A run folder inside a folder another user owns passes check_run_folder (only the last component is
   checked). That user can swap it for a symlink while the daemon runs: the daemon (root here) then

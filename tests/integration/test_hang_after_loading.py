@@ -1,4 +1,4 @@
-"""Review reproduction (issue 8 item 11: "never hide a verified checkpoint for an environmental
+"""Found by an adversarial review (it failed before its fix) (issue 8 item 11: "never hide a verified checkpoint for an environmental
 failure", which names "a --hang-timeout hit during a long evaluation"). A script that evaluates the
 restored model before training on (no keepalive) is killed as hung right after loading, every time.
 Hangs are booked against the checkpoint like crashes: the newest verified checkpoint is set aside,

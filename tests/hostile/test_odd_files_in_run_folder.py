@@ -1,6 +1,6 @@
-"""Review reproductions (issue 9 items 6, 9, 13; SECURITY.md "Files"): odd files where savegame keeps its
+"""Found by an adversarial review (each case failed before its fix) (issue 9 items 6, 9, 13; SECURITY.md "Files"): odd files where savegame keeps its
 own state in `.savegame/`. SECURITY.md: a symlink or a FIFO is refused, not followed or read forever;
-issue 9: tracebacks become messages. Each case below fails today: a traceback (exit 1) or, for a
+issue 9: tracebacks become messages. Each case used to give a traceback (exit 1) or, for a
 FIFO at worker.out, a daemon that blocks in open() forever before it even logs a line.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review reproduction (issue 9 item 5, SECURITY.md "Credentials"): fsspec's chained URLs
+"""Found by an adversarial review (it failed before its fix) (issue 9 item 5, SECURITY.md "Credentials"): fsspec's chained URLs
 (`simplecache::s3://...`, `filecache::`, `blockcache::`) are not recognised as URLs by redact(), so the
 "not a valid URL" error prints the URL as given: secret key, signature and all."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review reproduction (issue 8 item 12, README "One writer per run folder": "a new daemon waits for
+"""Found by an adversarial review (it failed before its fix) (issue 8 item 12, README "One writer per run folder": "a new daemon waits for
 [the orphan's emergency checkpoint], then resumes"). The lock's holder record names the dead daemon;
 process_alive() is kill(pid, 0), which succeeds on a zombie. Until the killed daemon's parent reaps it
 (a supervisor script that has not called wait() yet, an init that reaps late), the new daemon says

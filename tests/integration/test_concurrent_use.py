@@ -1,4 +1,4 @@
-"""Review reproductions: commands and writers running at the same time as a run (issue 8 D, brief:
+"""Found by an adversarial review (each case failed before its fix): commands and writers running at the same time as a run (issue 8 D, brief:
 "prune/ls/restore/verify while a daemon runs").
 
 - A script run on its own applies retention from its writer thread; anything else deleting in the

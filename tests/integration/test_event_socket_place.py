@@ -1,4 +1,4 @@
-"""Review reproductions (issue 9 item 1, SECURITY.md "Events from the worker"; issue 8 D/E: a run
+"""Found by an adversarial review (each case failed before its fix) (issue 9 item 1, SECURITY.md "Events from the worker"; issue 8 D/E: a run
 survives what happens to the session that started it).
 
 The event socket lives in a folder under $XDG_RUNTIME_DIR when that is writable. That folder is not
