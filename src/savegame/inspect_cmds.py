@@ -109,7 +109,8 @@ def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str
         return result
     for step in delete:
         store.delete(step)
-        log.info("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
+        # debug: the command prints each deletion itself; stderr stays for problems
+        log.debug("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
         record_prune(store, step, "savegame prune", prune_why(config, "local" if store.is_local else "mirror"))
     result["collect"] = result["collected"] = store.collect_garbage(config["stale_after"])
     return result
