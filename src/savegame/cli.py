@@ -1,4 +1,4 @@
-"""`savegame run | ls | verify | prune | restore | export | status`. Logging is configured here, and only here.
+"""`savegame run | ls | verify | prune | restore | export | status | report | history | plot`. Logging is configured here, and only here.
 
 Exit codes: 0 ok, 1 a run gave up or verify found damage, 2 usage, 74 checkpoints did not reach where
 they must (the mirror, a full disk), 78 bad configuration.
@@ -17,6 +17,7 @@ from savegame import protocol
 from savegame.config import Layer, RunConfig, build_config, read_toml
 from savegame.errors import ConfigError, SavegameError, StorageError
 from savegame.journal import JournalFormatter, journal_stream, prefixed
+from savegame.see import commands as see_commands
 
 log = logging.getLogger("savegame")
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-restarts", type=int, metavar="N", help="failures allowed per restart window (5)")
     run.add_argument("--hang-timeout", metavar="SECONDS|auto",
                      help="restart a worker silent this long (auto: max(hang_floor, 20 x its slowest step)); 0: off")
+    run.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (off by default)")
+    run.add_argument("--metrics-textfile", metavar="FILE.prom", help="write them for node_exporter's textfile collector")
     run.add_argument("--nodes", type=int, metavar="N", help="the job spans N nodes, one daemon each, on a shared --dir")
     run.add_argument("--node", metavar="NAME", help="with --nodes: this node's name (default: the host name)")
     run.add_argument("--leader", action="store_true", default=None,
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every run folder one level below DIR, one line each; exit 1 if any failed or is stale")
     status.add_argument("--stale-after", type=_positive_seconds, default=120.0, metavar="SECONDS",
                         help="with --all: a running daemon whose status is older than this is stale (120)")
+    see_commands.add_parsers(sub, _policy_flags)  # report, history, plot
     return parser
 
 
@@ -138,8 +142,9 @@ def config_from_args(args: argparse.Namespace, stored: Optional[Layer] = None) -
     flags: dict[str, Any] = {}
     for flag, key in (("dir", "dir"), ("mirror", "mirror"), ("regime", "regime"), ("resume", "resume"),
                       ("monitor", "monitor"), ("mode", "mode"), ("grace", "grace"),
-                      ("max_restarts", "max_restarts"), ("hang_timeout", "hang_timeout"), ("nodes", "nodes"),
-                      ("node", "node"), ("leader", "leader")):
+                      ("max_restarts", "max_restarts"), ("hang_timeout", "hang_timeout"), ("metrics", "metrics"),
+                      ("metrics_textfile", "metrics_textfile"), ("nodes", "nodes"), ("node", "node"),
+                      ("leader", "leader")):
         value = getattr(args, flag, None)
         if value is not None:
             flags[key] = value
@@ -338,7 +343,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "ls": cmd_ls, "verify": cmd_verify, "prune": cmd_prune,
-            "restore": cmd_restore, "export": cmd_export, "status": cmd_status}
+            "restore": cmd_restore, "export": cmd_export, "status": cmd_status,
+            **see_commands.commands(_open_with_policy, _protected_by_daemon, _print_json)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from savegame.errors import ConfigError, MalformedInput
+from savegame.see.settings import KEYS as SEE_KEYS
 from savegame.strategies import (REGIMES, RESUME_CHOICES, AnyOf, AnySchedule, EveryNEpochs, EveryNSeconds,
                                  EveryNSteps, KeepBest, KeepEvery, KeepLast, KeepThinning, OnImprovement,
                                  RestartPolicy, ThinningTier, resolve_mode)
@@ -232,6 +233,7 @@ TOP_KEYS: dict[str, Parser] = {
     "nodes": _integer(1), "node": _node_name, "leader": _boolean,  # a job on several nodes (daemon/nodes.py)
     "preemption_signal": _preemption_signal, "preemption_endpoint": _endpoint,
     "worker_oom_score_adj": _int_between(-1000, 1000),
+    **SEE_KEYS,  # metrics, metrics_textfile
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS,
                                           "rollback": ROLLBACK_KEYS}

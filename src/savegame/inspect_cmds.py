@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional
 
 from savegame.config import RunConfig
 from savegame.errors import CheckpointNotFound, ConfigError, StorageError
+from savegame.see.history import prune_why, record_prune
+from savegame.see.progress import bar
 from savegame.storage import CheckpointInfo, CheckpointStore, copy_checkpoint
 from savegame.storage.manifest import parse_time
 from savegame.strategies import plan_retention, resume_candidates
@@ -56,8 +58,13 @@ def verify_rows(store: CheckpointStore, step: Optional[int] = None) -> list[dict
     progress, or its leftover) is not a checkpoint and not damage: `ls --all` shows it. A checkpoint
     found damaged is looked at again: one deleted meanwhile (retention of a running run) is no damage."""
     scan = store.scan()
-    rows = [{"step": c.step, "path": c.path, "ok": not (problems := _problems(store, c)), "problems": problems}
-            for c in scan.committed if step is None or c.step == step]
+    chosen = [c for c in scan.committed if step is None or c.step == step]
+    with bar(sum(_size(c) for c in chosen), f"verifying {len(chosen)} checkpoint(s)") as advance:
+        rows = []
+        for c in chosen:
+            problems = _problems(store, c)
+            rows.append({"step": c.step, "path": c.path, "ok": not problems, "problems": problems})
+            advance(_size(c))
     for problem in scan.damaged:
         if step is None or problem.step == step:
             rows.append({"step": problem.step, "path": store.path_of(problem.name), "ok": False,
@@ -69,6 +76,10 @@ def verify_rows(store: CheckpointStore, step: Optional[int] = None) -> list[dict
     if step is not None and not rows:
         raise CheckpointNotFound(f"{store.url}: no checkpoint at step {step}; `savegame ls {store.url}` lists them")
     return sorted(rows, key=lambda r: r["step"])
+
+
+def _size(info: CheckpointInfo) -> int:
+    return sum(entry.bytes for entry in info.manifest.files)
 
 
 def _problems(store: CheckpointStore, info: CheckpointInfo) -> list[str]:
@@ -98,7 +109,9 @@ def prune(store: CheckpointStore, config: RunConfig, protected: Mapping[int, str
         return result
     for step in delete:
         store.delete(step)
-        log.info("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
+        # debug: the command prints each deletion itself; stderr stays for problems
+        log.debug("deleted step %d (%s): not kept by the %s policy", step, by_step[step].path, config.regime)
+        record_prune(store, step, "savegame prune", prune_why(config, "local" if store.is_local else "mirror"))
     result["collect"] = result["collected"] = store.collect_garbage(config["stale_after"])
     return result
 
@@ -126,7 +139,8 @@ def restore(store: CheckpointStore, info: CheckpointInfo, to: str) -> Checkpoint
     dest = CheckpointStore(to)
     if not dest.is_local:
         raise ConfigError(f"--to must be a local folder, not {to}")
-    return copy_checkpoint(store, info, dest)
+    with bar(_size(info), f"restoring step {info.step}") as advance:  # drawn on a terminal only
+        return copy_checkpoint(store, info, dest, progress=advance)
 
 
 def human_size(n: Optional[int]) -> str:

@@ -201,6 +201,7 @@ def test_prune_dry_run_json_then_prune(run_dir, savegame_env):
     proc = cli(savegame_env, "prune", str(run_dir), *flags, "--json")
     assert proc.returncode == 0, proc.stderr
     assert [d["step"] for d in json.loads(proc.stdout)["delete"]] == [100, 300]
+    assert proc.stderr == ""  # the deletions are the output; stderr is for problems
     assert [c.step for c in CheckpointStore(str(run_dir)).list()] == [200, 400, 500]
     again = json.loads(cli(savegame_env, "prune", str(run_dir), *flags, "--json").stdout)
     assert again["delete"] == []

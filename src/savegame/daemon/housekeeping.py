@@ -81,6 +81,7 @@ class Housekeeping:
                 log.warning("retention: cannot delete step %d: %s", step, exc)
         if deleted:
             log.info("retention (%s): deleted local steps %s", d.config.regime, deleted)
+        d.observer.retention(checkpoints, deleted, d.config)
 
     def write_status(self, reason: Optional[str] = None) -> None:
         d = self.daemon
@@ -112,7 +113,7 @@ class Housekeeping:
             "hang_timeout_s": d.hang.timeout_s,
             "policy": _policy_summary(d), "policy_known": d.startup.policy_known,
             "protected": {str(step): why for step, why in self.protected.items()},
-            "events_dropped": dict(d.inbox.dropped), **_job(d)}
+            "events_dropped": dict(d.inbox.dropped), **d.observer.status_or_nothing(), **_job(d)}
 
 
 def _job(d: "Supervisor") -> dict:

@@ -66,6 +66,8 @@ class Mirror:
         self.last_error: Optional[str] = None
         self.last_upload: Optional[tuple[int, float]] = None  # (step, wall time)
         self._index_stale = True  # the bucket changed since the manifest index was last written
+        self.on_pruned: Callable[[int], None] = lambda step: None  # the run's history notes what retention deleted
+        self.records: Optional[Callable[[CheckpointStore], None]] = None  # copies the run's history beside them
         self._thread = threading.Thread(target=self._loop, name="savegame-mirror", daemon=True)
 
     # -- the daemon's side -----------------------------------------------------------------------
@@ -196,6 +198,7 @@ class Mirror:
             self._wake()
         self._prune_remote()
         if self._index_stale:
+            self._store_records()
             self._timed(self.remote.write_index, "writing the manifest index")
             with self._cond:
                 self._index_stale = False
@@ -300,6 +303,16 @@ class Mirror:
             self._skip.add(info.step)
         return None
 
+    def _store_records(self) -> None:
+        """The run's history, beside the checkpoints it tells of: never a reason for a pass to fail."""
+        records = self.records
+        if records is None:
+            return
+        try:
+            self._timed(lambda: records(self.remote), "storing the run's history")
+        except Exception as exc:  # noqa: BLE001 - a history is not a checkpoint
+            log.warning("mirror: %s", exc)
+
     def _prune_remote(self) -> None:
         with self._cond:
             config, listing = self._config, sorted(self._remote.values(), key=lambda c: c.step)
@@ -313,3 +326,4 @@ class Mirror:
                 self._remote.pop(step, None)
                 self._index_stale = True
             log.info("mirror retention: deleted step %d from %s", step, self.remote.url)
+            self.on_pruned(step)

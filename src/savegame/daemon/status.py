@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 from savegame.config import NODE_NAME
 from savegame.daemon.ranks import format_ranks
 from savegame.errors import MalformedInput
+from savegame.see.goodput import describe
 from savegame.storage.local import process_alive
 from savegame.untrusted import load_json, read_regular_file
 
@@ -121,6 +122,8 @@ def format_status(status: Mapping[str, Any], now: Optional[float] = None) -> str
         f"best so far:     {_best(beat)}",
         f"policy:          {_policy(status)}",
     ]
+    if isinstance(status.get("goodput"), dict):  # see/goodput.py; `savegame report` has the details
+        lines.append(f"goodput:         {describe(status['goodput'])}")
     lines += format_ranks(status, now)
     if mirror:
         lines.append(f"mirror:          {mirror.get('url')}: {mirror.get('pending', 0)} pending, last confirmed "

@@ -23,6 +23,7 @@ from savegame.daemon.events import EventInbox, next_heartbeat, number
 from savegame.daemon.hang import HangWatch
 from savegame.daemon.housekeeping import Housekeeping
 from savegame.daemon.mirror import Mirror
+from savegame.daemon.observer import Observer
 from savegame.daemon.output import WorkerOutput, binary_stream
 from savegame.daemon.preemption import Notice, PreemptionWatcher, notice_source
 from savegame.daemon.process import SpawnError, WorkerProcess, become_subreaper, reap_children, worker_env
@@ -107,6 +108,7 @@ class Supervisor:
         self._exit_reported = False
         self.progress: Optional[protocol.ProgressCell] = None
         self.decisions = Decisions(self)
+        self.observer = Observer(self)  # attempts, history, metrics: what `status`, `report`, `history` show
         self.house.write_status("starting")
 
     @property
@@ -166,6 +168,7 @@ class Supervisor:
         while self.events and self.exit_code is None:
             self._apply(self.events.popleft())
         self.house.tick()
+        self.observer.tick()
 
     def _check_inbox(self) -> None:
         """Every few seconds: the event socket is still there (a cleaner of old files may remove it)."""
@@ -256,6 +259,7 @@ class Supervisor:
         for event in self.inbox.drain(self._accept_sender):
             self.last_event_mono = time.monotonic()
             self.hang.observe(event, self.last_event_mono)
+            self.observer.worker_event(event)
             kind = event["event"]
             if kind == protocol.EVENT_HELLO:
                 self._on_hello(event)
@@ -369,6 +373,7 @@ class Supervisor:
         t = m.transition(self.machine, event, time.monotonic(), self.policy)
         before, was_stopping = self.machine.state, self.machine.stopping
         self.decisions.transitioned(event, self.machine, t.machine)
+        self.observer.transitioned(event, self.machine, t.machine)
         self.machine = t.machine
         if t.machine.state != before:
             level = logging.ERROR if t.machine.state == m.State.FAILED else logging.INFO
@@ -510,6 +515,7 @@ class Supervisor:
         if self.mirror:
             self.mirror.close()
         self.output.close()
+        self.observer.close(self.exit_code)
         self.house.write_status()
         for signum in STOP_SIGNALS:  # the run is over: a late stop signal must not kill the exit (as -15)
             signal.signal(signum, signal.SIG_IGN)

@@ -201,14 +201,16 @@ class CheckpointStore:
 
 
 def copy_checkpoint(source: CheckpointStore, info: CheckpointInfo, dest: CheckpointStore,
-                    cancelled: Callable[[], bool] = lambda: False) -> CheckpointInfo:
+                    cancelled: Callable[[], bool] = lambda: False,
+                    progress: Callable[[int], None] = lambda n: None) -> CheckpointInfo:
     """Copy one committed checkpoint to another store, verifying every byte on the way; manifest last.
 
-    `cancelled()` is asked between chunks: when it says so, the copy is aborted (Cancelled)."""
+    `cancelled()` is asked between chunks: when it says so, the copy is aborted (Cancelled).
+    `progress(n)` is told each chunk's size (a progress bar)."""
     staged = dest.begin(info.step)
     with staged:
         for entry in info.manifest.files:
-            _copy_file(source, info, entry, staged, cancelled)
+            _copy_file(source, info, entry, staged, cancelled, progress)
         manifest = info.manifest
         return staged.commit(epoch=manifest.epoch, reason=manifest.reason, metrics=manifest.metrics,
                              framework=manifest.framework, run_id=manifest.run_id,
@@ -217,7 +219,7 @@ def copy_checkpoint(source: CheckpointStore, info: CheckpointInfo, dest: Checkpo
 
 
 def _copy_file(source: CheckpointStore, info: CheckpointInfo, entry: FileEntry, staged: StagedCheckpoint,
-               cancelled: Callable[[], bool]) -> None:
+               cancelled: Callable[[], bool], progress: Callable[[int], None]) -> None:
     checked = Hasher()
     with source.open_file(info, entry.path) as src, staged.open(entry.path) as dst:
         with mapped_errors(f"{info.path}: reading {entry.path}"):
@@ -229,5 +231,6 @@ def _copy_file(source: CheckpointStore, info: CheckpointInfo, entry: FileEntry, 
                     break
                 checked.update(chunk)
                 dst.write(chunk)
+                progress(len(chunk))
     if checked.bytes != entry.bytes or checked.digest() != entry.checksum:
         raise CorruptCheckpoint(f"{info.path}: {entry.path} does not match its manifest; not copied")

@@ -26,6 +26,7 @@ from typing import Any, ContextManager, Iterable, Iterator, Mapping, Optional, U
 from savegame import protocol
 from savegame.config import explicit_for_worker
 from savegame.errors import ConfigError, CorruptCheckpoint, StorageError
+from savegame.see.history import record_commit
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
@@ -95,7 +96,8 @@ class Checkpointer:
         if not self.supervised:  # at a terminal: say at once what Ctrl-C does
             self._requests.on_interrupt = lambda: say_now("interrupted: saving a checkpoint at the next step; "
                                                           "press Ctrl-C again to quit at once")
-        self._commits = Commits(self._link, self._committed)
+        self._commits = Commits(self._link, self._committed, lambda: self._writer.last_persist_s)
+        self._stall = [0.0, 0]  # seconds the training thread spent in saves, and how many (told to the daemon)
         self._writer = BackgroundWriter(self.store, self._commits.done)
         self._resume_mid_epoch = False
         self._agreement: Any = None  # the ranks of a torch.distributed job: decisions every rank takes alike
@@ -376,11 +378,18 @@ class Checkpointer:
     def _save(self, reason: str, metrics: Mapping[str, float], in_place: bool = False) -> None:
         """Capture and hand to the writer. `in_place`: the caller waits for the commit before training
         could change anything (emergency, final), so adapters may write straight from live memory."""
+        began, saved = time.monotonic(), False
+        try:
+            saved = self._save_now(reason, metrics, in_place)
+        finally:
+            self._stall = [self._stall[0] + time.monotonic() - began, self._stall[1] + saved]
+
+    def _save_now(self, reason: str, metrics: Mapping[str, float], in_place: bool) -> bool:
         step = self.progress.step
         if step == self._writer.inflight_step:
             self._writer.wait()  # the same state is being written: wait, and retry only if it failed
         if step == self._commits.step:
-            return  # this exact state is already committed
+            return False  # this exact state is already committed
         if self._adapter is None:
             exit_config(ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first"))
         self._writer.wait()  # back-pressure: the buffers are free once the last save is written
@@ -398,6 +407,7 @@ class Checkpointer:
             capture.fill()  # the copy, while the writer already writes what is copied
         if self._cadence is not None and not in_place:  # emergency and final saves wait for the disk on purpose
             self._reschedule(self._cadence.measured(time.monotonic() - started, self._writer.last_persist_s))
+        return True
 
     def _check_loss(self) -> None:
         """A bad loss was reported: roll back before this state can be saved (exits 76)."""
@@ -423,6 +433,7 @@ class Checkpointer:
         if not self.supervised and self._coordinator():
             # the daemon applies retention to what it supervises; of a job's ranks, rank 0 does.
             # The resume source is protected until a newer checkpoint stands in for it.
+            record_commit(self.store, info, self._writer.last_persist_s)  # the run's history (savegame history)
             superseded = self.resumed_from is not None and info.step > self.resumed_from
             apply_retention(self.store, self.config, None if superseded else self.resumed_from)
 
@@ -481,7 +492,8 @@ class Checkpointer:
     def _status(self) -> dict[str, Any]:
         best = self._history.best
         return {"step": self.progress.step, "epoch": self.progress.epoch, "resumed_from": self.resumed_from,
-                "monitor": self._monitor_name, "best": best if best is not None and math.isfinite(best) else None}
+                "monitor": self._monitor_name, "best": best if best is not None and math.isfinite(best) else None,
+                "stall_s": round(self._stall[0], 4), "saves": self._stall[1]}
 
     def _report(self, event: str, **extra: Any) -> None:
         self._link.report(event, **extra)

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from savegame.config import RunConfig
 from savegame.errors import CheckpointExists, StorageError
+from savegame.see.history import prune_why, record_prune
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import plan_retention
 from savegame.worker.link import DaemonLink
@@ -21,12 +22,14 @@ REPORTED_BY_CALLER = ("final", "emergency")  # the training thread waits for the
 
 
 class Commits:
-    def __init__(self, link: DaemonLink, on_commit: Callable[[CheckpointInfo], None]) -> None:
+    def __init__(self, link: DaemonLink, on_commit: Callable[[CheckpointInfo], None],
+                 persist_s: Callable[[], Optional[float]] = lambda: None) -> None:
         self.step: Optional[int] = None  # the step whose state is committed last
         self.failures = 0  # in a row
         self.error: Optional[BaseException] = None  # why the last save failed (None: it did not)
         self._link = link
         self._on_commit = on_commit
+        self._persist_s = persist_s  # from handing the save to the writer to its commit
 
     def done(self, job: SaveJob, info: Optional[CheckpointInfo], error: Optional[BaseException]) -> None:
         if error is not None:
@@ -35,13 +38,13 @@ class Commits:
             self.error = None if exists else error
             if exists or job.reason not in REPORTED_BY_CALLER:
                 (log.warning if exists else log.error)("checkpoint at step %d not saved: %s", job.step, error)
-            self._link.send("save-failed", step=job.step, error=str(error))
+            self._link.send("save-failed", step=job.step, reason=job.reason, error=str(error))
             return
         assert info is not None
         self.failures, self.error, self.step = 0, None, info.step
         log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
         self._link.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
-                        bytes=info.bytes, metrics=dict(info.metrics))
+                        bytes=info.bytes, metrics=dict(info.metrics), persist_s=self._persist_s())
         self._on_commit(info)
 
 
@@ -57,5 +60,6 @@ def apply_retention(store: CheckpointStore, config: RunConfig, resumed_from: Opt
     for step in plan.delete:
         try:
             store.delete(step)
+            record_prune(store, step, "worker", prune_why(config, "local"))
         except StorageError as exc:  # deleted meanwhile by `savegame prune`, say: retention is not training
             log.warning("retention: cannot delete step %d: %s", step, exc)
