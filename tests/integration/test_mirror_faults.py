@@ -2,6 +2,7 @@
 checkpoint jumps the queue, a stop cuts every wait short, every terminal state flushes, and the
 exit code tells the truth about what the bucket holds."""
 import json
+import re
 import signal
 import time
 
@@ -143,3 +144,26 @@ def test_a_mirror_outage_does_not_stop_local_retention(tmp_path, s3_server, faul
         assert daemon.wait(timeout=60) == 74  # the bucket lacks the newest: said so
     finally:
         daemon.kill()
+
+
+def test_an_upload_slower_than_the_checkpoints_still_completes(tmp_path, s3_server, fault_proxy):
+    """On a slow uplink new checkpoints arrive faster than one uploads, so the step being uploaded soon
+    falls out of the few the bucket would keep. Local retention must leave it alone until its upload
+    ends: deleting it under the upload made every upload fail, and the bucket never got anything."""
+    url = f"s3://{s3_server.make_bucket()}/run"
+    run = tmp_path / "run"
+    fault_proxy.upload_rate = 1e6  # about 1 s per 1 MB checkpoint; one is committed every ~60 ms
+    options = ["--mirror", url, "--keep-last", "2", *settings(tmp_path, "[mirror_keep]\nlast = 2\n")]
+    daemon = Daemon(run, counter("--steps", 100000, "--sleep", 0.03, "--every", 2), options,
+                    env=fault_proxy.env()).start()
+    try:
+        wait_until(lambda: daemon.stderr.count("mirrored step") >= 2, timeout=60)
+    finally:
+        daemon.kill()
+    deleted: set[int] = set()
+    for line in daemon.stderr.splitlines():
+        if "deleted local steps" in line:
+            deleted.update(json.loads(line.rsplit(" steps ", 1)[1]))
+        elif (mirrored := re.search(r"mirrored step (\d+) ", line)) is not None:
+            assert int(mirrored.group(1)) not in deleted, f"step {mirrored.group(1)} was deleted during its upload"
+    assert deleted, "local retention never ran"

@@ -66,6 +66,7 @@ class Housekeeping:
                 protected[d.resume_point.info.step] = "resume source"  # until the worker commits past it
             if d.mirror is not None:
                 protected.update({s: "not yet mirrored" for s in d.mirror.awaiting(checkpoints)})
+                protected.update({s: "being uploaded" for s in d.mirror.reading()})
             plan = plan_retention(checkpoints, d.config.retention("local"), datetime.now(timezone.utc),
                                   monitor=d.config.monitor, protected=protected)  # type: ignore[arg-type]
         except StorageError as exc:

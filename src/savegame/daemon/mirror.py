@@ -63,6 +63,7 @@ class Mirror:
         self._skip: set[int] = set()  # steps the bucket cannot take: damaged here, or different there
         self._abandoned: list[tuple[Optional[int], threading.Thread]] = []  # (step it writes, thread)
         self.pending: list[int] = []  # what it still has to upload, newest first
+        self._uploading: Optional[int] = None  # the step being read right now
         self.last_error: Optional[str] = None
         self.last_upload: Optional[tuple[int, float]] = None  # (step, wall time)
         self._index_stale = True  # the bucket changed since the manifest index was last written
@@ -110,6 +111,13 @@ class Mirror:
             return sorted((c.step for c in local if c.step not in self._remote and c.step not in skip), reverse=True)
         return awaiting_upload(local, remote, config.retention("mirror"), datetime.now(timezone.utc),
                                monitor=config.monitor, unmirrorable=skip)  # type: ignore[arg-type]
+
+    def reading(self) -> set[int]:
+        """Local steps an upload is reading (the current one, and abandoned ones still running): local
+        retention must not delete them under it."""
+        with self._cond:
+            steps = {step for step, thread in self._abandoned if thread.is_alive() and step is not None}
+            return steps | ({self._uploading} if self._uploading is not None else set())
 
     def missing(self) -> list[int]:
         """Local steps the bucket's policy wants and the bucket does not hold, those it cannot take (its
@@ -211,7 +219,8 @@ class Mirror:
             self.pending = awaiting
             todo = [s for s in awaiting if s not in busy]
             urgent = [s for s in todo if s in self._urgent]
-        step = urgent[0] if urgent else (todo[0] if todo else None)
+            step = urgent[0] if urgent else (todo[0] if todo else None)
+            self._uploading = step  # chosen under the lock local retention asks (reading())
         return None if step is None else local[step]
 
     def _urgent_waiting(self, besides: Optional[int]) -> bool:
@@ -254,6 +263,14 @@ class Mirror:
             self._stored_policy = record
 
     def _upload(self, info: CheckpointInfo) -> None:
+        """Upload one step (`_next_upload` marked it as being read: local retention leaves it alone)."""
+        try:
+            self._copy_up(info)
+        finally:
+            with self._cond:
+                self._uploading = None
+
+    def _copy_up(self, info: CheckpointInfo) -> None:
         started = time.monotonic()
         urgent = info.step in self._urgent
         try:
