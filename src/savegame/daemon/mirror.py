@@ -320,6 +320,11 @@ class Mirror:
             self._skip.add(info.step)
         return None
 
+    def store_records(self) -> None:
+        """Copy the run's history to the bucket now (the daemon's last local deletions come after the
+        final flush; the mirror's thread is idle by then)."""
+        self._store_records()
+
     def _store_records(self) -> None:
         """The run's history, beside the checkpoints it tells of: never a reason for a pass to fail."""
         records = self.records

@@ -482,6 +482,7 @@ class Supervisor:
         if not missing:
             log.info("the mirror %s holds every checkpoint it should", self.remote.url)
             self.house.prune_local()  # what waited for the mirror's confirmation can go now
+            self.mirror.store_records()  # the bucket's copy of the history tells of those deletions too
             return code
         self.mirror_missing = missing
         emergency = (f"; the emergency checkpoint (step {self._emergency_step}) is NOT in the mirror"
