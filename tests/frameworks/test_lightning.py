@@ -47,7 +47,8 @@ def test_interrupted_under_the_daemon_ends_like_an_uninterrupted_run(tmp_path: P
     daemon.signal(signal.SIGTERM)  # a stop: emergency checkpoint, then the daemon exits 0
     assert daemon.wait(timeout=120) == 0, daemon.stderr[-3000:]
     latest = CheckpointStore(str(run)).latest()
-    assert latest is not None and latest.reason == "emergency" and 22 <= latest.step < 48
+    # mid-epoch 2 (steps 17-32): the printed "step N" can run one ahead of the boundary the stop lands on
+    assert latest is not None and latest.reason == "emergency" and 16 < latest.step < 48
 
     again = Daemon(run, [EXAMPLE, *ARGS, "--save-every-steps", "5"]).start()  # a daemon restart
     assert again.wait(timeout=300) == 0, again.stderr[-3000:]
