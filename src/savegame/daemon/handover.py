@@ -28,12 +28,12 @@ log = logging.getLogger("savegame")
 class SnapshotTaker:
     def __init__(self, run_dir: str, store: CheckpointStore, node: str = "", root: str = shm.SHM_ROOT) -> None:
         self.store = store
+        self._buffer: Optional[mmap.mmap] = None  # page-aligned, reused from commit to commit
+        self.dropped = 0
         self.folder = shm.prepare_folder(run_dir, root, node)
         if self.folder is not None:  # what a killed daemon left: the READY ones are committed, then all go
             for event in self.worker_gone():
                 log.info("committed step %s, handed over before the last daemon died", event["step"])
-        self._buffer: Optional[mmap.mmap] = None  # page-aligned, reused from commit to commit
-        self.dropped = 0
 
     def env(self) -> dict[str, str]:
         """What tells a worker to hand its saves over (nothing when shared memory is not usable)."""
@@ -85,8 +85,13 @@ class SnapshotTaker:
             if step is not None:
                 ready.append((step, name, int(match.group(1))))  # type: ignore[union-attr]
         events = []
+        try:
+            done = {c.step for c in self.store.list()}
+        except OSError as exc:
+            log.error("cannot list %s to commit what a dead worker handed over: %s", self.store.url, exc)
+            return []
         for step, name, pid in sorted(ready):
-            if any(c.step == step for c in self.store.list()):
+            if step in done:
                 continue
             event = self.take({"event": protocol.EVENT_SNAPSHOT, "segment": name, "pid": pid, "step": step})
             if event is not None:
