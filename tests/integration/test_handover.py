@@ -134,3 +134,34 @@ def test_no_segment_is_left_after_sigkill_of_the_worker_or_of_the_daemon(tmp_pat
     assert again.wait(120) == 0, again.stderr[-3000:]
     assert not os.path.exists(folder)  # ...the next daemon of the run removes (and the end of the run, its own)
     assert set(os.listdir(SHM_ROOT)) - before == set()
+
+
+def progress_step(run: Path) -> int:
+    (step,) = struct.unpack("<q", (run / ".savegame" / "progress").read_bytes()[:8])
+    return step
+
+
+def test_with_both_segments_waiting_for_the_daemon_the_worker_waits_and_loses_nothing(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"]).start()
+    folder = folder_for(str(run))
+    daemon.worker_pid()
+    wait_until(lambda: len(committed_steps(run)) >= 2, 60)
+    daemon.signal(signal.SIGSTOP)  # a daemon that cannot keep up (a slow disk): nothing is committed
+    try:
+        time.sleep(1.0)
+        held = progress_step(run)
+        time.sleep(0.5)
+        assert progress_step(run) == held  # back-pressure: the worker waits for a free segment
+        busy = segments(folder)
+        assert len(busy) == 2 and all(status == Status.READY for status, _, _ in busy.values())
+    finally:
+        daemon.signal(signal.SIGCONT)
+    wait_until(lambda: progress_step(run) > held + 20, 60)  # the daemon caught up: training goes on
+    daemon.signal(signal.SIGTERM)  # an emergency stop: its checkpoint goes through the same hand-over
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    assert "committed step" in daemon.stderr and "(emergency) from shared memory" in daemon.stderr
+    steps = committed_steps(run)
+    last_even = max(s for s in steps if s % 2 == 0)
+    assert set(range(2, last_even + 1, 2)) <= set(steps)  # every save committed, none lost while waiting
+    verify_ok(run, max(steps))
