@@ -3,21 +3,24 @@ saves to the daemon in /dev/shm; the daemon commits them, even when the worker i
 after the hand-over, and no segment outlives the run (or a SIGKILLed worker, or daemon)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import TESTS, Daemon, committed_steps, savegame, wait_until
+from helpers import TESTS, Daemon, clean_env, committed_steps, savegame, wait_until
 from savegame.snapshot.folder import SHM_ROOT, folder_for
 from savegame.snapshot.layout import CONTROL, SEGMENT_NAME, Status
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_ROOT), reason="no /dev/shm")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not os.path.isdir(SHM_ROOT), reason="no /dev/shm"),
+              pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the worker needs torch")]
 WORKER = str(TESTS / "workers" / "torch_handover_worker.py")
 
 
@@ -91,8 +94,6 @@ def test_a_worker_killed_right_after_the_hand_over_still_gets_it_committed_and_r
 def test_a_checkpoint_handed_over_is_identical_to_one_written_in_process(tmp_path):
     alone, supervised = tmp_path / "alone", tmp_path / "supervised"
     args = [WORKER, "--steps", "12", "--every", "4", "--sleep", "0"]
-    import subprocess
-    from helpers import clean_env
     subprocess.run([sys.executable, *args, "--dir", str(alone)], check=True, env=clean_env(), timeout=120,
                    capture_output=True)
     daemon = Daemon(supervised, args).start()
