@@ -99,7 +99,10 @@ class SnapshotTaker:
         return events
 
     def close(self) -> None:
+        """The run ends: a READY segment of a worker killed on the way out is committed first."""
         if self.folder is not None:
+            for event in self.worker_gone():
+                log.info("committed step %s, handed over by a worker killed at the end of the run", event["step"])
             shm.remove(self.folder)
         if self._buffer is not None:
             self._buffer.close()
