@@ -166,3 +166,25 @@ def test_with_both_segments_waiting_for_the_daemon_the_worker_waits_and_loses_no
     last_even = max(s for s in steps if s % 2 == 0)
     assert set(range(2, last_even + 1, 2)) <= set(steps)  # every save committed, none lost while waiting
     verify_ok(run, max(steps))
+
+
+def test_a_worker_whose_daemon_dies_with_its_hand_overs_pending_commits_them_itself(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"]).start()
+    folder = folder_for(str(run))
+    pid = daemon.worker_pid()
+    wait_until(lambda: len(committed_steps(run)) >= 2, 60)
+    daemon.signal(signal.SIGSTOP)
+    wait_until(lambda: [v for v in segments(folder).values() if v[0] == Status.READY][1:], 30)
+    pending = sorted(v[1] for v in segments(folder).values() if v[0] == Status.READY)
+    daemon.signal(signal.SIGKILL)  # with two saves handed over and not committed
+    daemon.proc.wait()
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", 60)
+    steps = committed_steps(run)
+    assert set(pending) <= set(steps)  # the worker wrote what the dead daemon had not
+    last_even = max(s for s in steps if s % 2 == 0)
+    assert set(range(2, last_even + 1, 2)) <= set(steps)
+    for step in pending + [max(steps)]:
+        verify_ok(run, step)
+    last = json.loads((run / f"ckpt-{max(steps):012d}" / "manifest.json").read_text())
+    assert last["reason"] == "emergency"  # and it stopped with an emergency checkpoint, written itself

@@ -59,7 +59,6 @@ class HandoverWriter:
         self._alive_checked = 0.0
         self.inflight_step: Optional[int] = None
         self.last_persist_s: Optional[float] = None
-        self.handed_over = 0
 
     # -- the training thread --------------------------------------------------------------------
 
@@ -122,8 +121,9 @@ class HandoverWriter:
                 raise ValueError(f"rendered {written} bytes of {TENSORS_FILE}, planned {tensor_bytes}")
             SegmentSink(segment, files[1].offset).write(state)
             self._seq += 1
-            segment.job, segment.handed_at, segment.seq = job, submitted, self._seq
-            publish(segment, meta, meta_offset, self._seq)
+            with self._lock:  # from here on the training thread's reaping may see it
+                segment.job, segment.handed_at, segment.seq = job, submitted, self._seq
+                publish(segment, meta, meta_offset, self._seq)
         except BaseException:
             segment.job = None
             segment.set_status(Status.FREE)
@@ -131,10 +131,10 @@ class HandoverWriter:
         finally:
             if job.capture.cleanup is not None:
                 job.capture.cleanup()
-        if not self._announce(segment):
+        if not self._announce(segment, job.step):
             with self._lock:
-                self._write_here(segment)  # nobody will take it: commit it from the segment ourselves
-        self.handed_over += 1
+                if segment.job is job:  # (unless the reaping found the daemon gone and wrote it already)
+                    self._write_here(segment)  # nobody will take it: commit it from the segment ourselves
         return True
 
     def _free_segment(self, required: int) -> Optional[Segment]:
@@ -166,11 +166,10 @@ class HandoverWriter:
         self._segments[index] = segment
         return segment
 
-    def _announce(self, segment: Segment) -> bool:
+    def _announce(self, segment: Segment, step: int) -> bool:
         deadline = time.monotonic() + ANNOUNCE_TIMEOUT_S
         while time.monotonic() < deadline:
-            sent = self._link.try_send(protocol.EVENT_SNAPSHOT, segment=segment.name, step=segment.job.step,
-                                       seq=segment.seq)
+            sent = self._link.try_send(protocol.EVENT_SNAPSHOT, segment=segment.name, step=step, seq=segment.seq)
             if sent is not None:
                 return sent
             time.sleep(POLL_S)  # the daemon's queue is full: it is busy, not gone
@@ -194,7 +193,7 @@ class HandoverWriter:
                 job, segment.job = segment.job, None
                 self.last_persist_s = time.monotonic() - segment.handed_at
                 self._on_daemon_commit(job, self.last_persist_s)
-            elif status == Status.FAILED or daemon_gone:
+            elif status == Status.FAILED or (daemon_gone and status == Status.READY):
                 if status == Status.FAILED:
                     log.warning("the daemon did not commit step %d from shared memory: writing it here",
                                 segment.job.step)
