@@ -188,3 +188,4 @@ def test_a_worker_whose_daemon_dies_with_its_hand_overs_pending_commits_them_its
         verify_ok(run, step)
     last = json.loads((run / f"ckpt-{max(steps):012d}" / "manifest.json").read_text())
     assert last["reason"] == "emergency"  # and it stopped with an emergency checkpoint, written itself
+    assert not os.path.exists(folder)  # nothing left in /dev/shm: its segments and the dead daemon's folder

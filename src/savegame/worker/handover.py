@@ -12,7 +12,9 @@ written in-process as before; so is a segment the daemon refused, or one it can 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,6 +90,9 @@ class HandoverWriter:
                 if segment is not None:
                     segment.close(unlink=True)
                     self._segments[index] = None
+        if self._link.gone or not daemon_alive():  # nobody else will remove the (now empty) folder
+            with contextlib.suppress(OSError):
+                os.rmdir(self._folder)
 
     # -- the writer thread ----------------------------------------------------------------------
 
