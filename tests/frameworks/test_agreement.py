@@ -3,6 +3,7 @@ counts on every rank at the next step boundary (at once at an epoch end); clocks
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,27 @@ def _rank(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _run_ranks(tmp_path: Path, timeout: float = 120.0) -> None:
+    """Both ranks as processes, with a watchdog of the test's own: ranks that disagree deadlock in a
+    collective (gloo's timeout is 30 minutes), which must fail the test, not hang it."""
+    spawn = mp.get_context("spawn")
+    ranks = [spawn.Process(target=_rank, args=(r, str(tmp_path / "store"), str(tmp_path))) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in ranks:
+        process.join(max(deadline - time.monotonic(), 0.1))
+    hung = [r for r, process in enumerate(ranks) if process.is_alive()]
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    assert not hung, f"rank(s) {hung} still waiting after {timeout:.0f} s: the ranks did not decide alike"
+    assert [process.exitcode for process in ranks] == [0, 0]
+
+
 def test_decisions_are_the_same_on_every_rank_one_step_later(tmp_path: Path) -> None:
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    _run_ranks(tmp_path)
     seen = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     assert seen[0] == seen[1]
     assert seen[0] == [[1, False, None], [2, False, None], [3, False, "manual"],  # rank 1's SIGUSR1, one step on

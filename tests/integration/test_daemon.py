@@ -413,3 +413,17 @@ def test_a_status_file_with_wrong_types_is_not_a_traceback(tmp_path, status):
         result = savegame(*args)
         assert "Traceback" not in result.stderr, (args, result.stderr)
         assert result.returncode in (0, 78), (args, result.stderr)
+
+
+def test_a_crash_in_teardown_after_the_final_checkpoint_ends_the_run_on_the_restart(tmp_path):
+    """A worker that dies after committing its final checkpoint (torch's gloo can abort at interpreter
+    exit) is restarted like any crash; the restart resumes from the final step, trains nothing, and
+    the run succeeds, with every step done exactly once and the final checkpoint intact."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, counter("--steps", 20, "--every", 5, "--abort-after-finish"),
+                    ["--max-restarts", "3", *fast_backoff(tmp_path)]).start()
+    assert daemon.wait(timeout=60) == 0, daemon.stderr
+    err = daemon.stderr
+    assert "SIGABRT" in err and "resuming from step 20" in err, err
+    assert daemon.stdout.count("DONE 20") == 2  # the restart's own check: no step done twice
+    assert committed_steps(run)[-1] == 20 and savegame("verify", str(run)).returncode == 0

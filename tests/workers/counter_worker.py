@@ -26,6 +26,8 @@ parser.add_argument("--ignore-term", action="store_true")
 parser.add_argument("--crash-at", type=int, help="exit 3 whenever this step is reached")
 parser.add_argument("--crash-after-load", type=int, help="exit 3 right after resuming from this step")
 parser.add_argument("--crash-once-at", type=int, help="exit 3 at this step on the first attempt only")
+parser.add_argument("--abort-after-finish", action="store_true",
+                    help="SIGABRT after the final checkpoint, on the first attempt only (a crash in teardown)")
 parser.add_argument("--hang-at", type=int, help="hang at this step on the first attempt")
 parser.add_argument("--pause-at", type=int, help="one slow step: pause at this step (every attempt)")
 parser.add_argument("--pause-for", type=float, default=0.0, help="seconds of the --pause-at step")
@@ -78,3 +80,5 @@ ckpt.finish()
 assert seen == list(range(args.steps)), "steps done twice or skipped"
 assert np.all(weights == args.steps)
 print(f"DONE {args.steps}", flush=True)
+if args.abort_after_finish and os.environ.get("SAVEGAME_ATTEMPT", "1") == "1":
+    os.abort()
