@@ -163,7 +163,7 @@ HOSTILE_WORKER = textwrap.dedent("""
 @pytest.mark.integration
 def test_a_hostile_worker_cannot_crash_the_daemon_with_segments(tmp_path):
     run = tmp_path / "run"
-    daemon = Daemon(run, ["-c", HOSTILE_WORKER]).start()
+    daemon = Daemon(run, ["-c", HOSTILE_WORKER], ["--shared-memory"]).start()
     assert daemon.wait(60) == 0, daemon.stderr[-3000:]
     assert "still-here" in daemon.stdout
     assert daemon.stderr.count("dropped a snapshot hand-over") >= 5

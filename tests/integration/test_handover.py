@@ -70,7 +70,7 @@ def verify_ok(run: Path, step: int) -> None:
 def test_a_worker_killed_right_after_the_hand_over_still_gets_it_committed_and_resumes_from_it(tmp_path):
     run = tmp_path / "run"
     daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003", "--keep-last", "1000"],
-                    ["--max-restarts", "100", *fast_backoff(tmp_path)]).start()
+                    ["--shared-memory", "--max-restarts", "100", *fast_backoff(tmp_path)]).start()
     folder = folder_for(str(run))
     killed, pid, files_seen = [], None, 0
     for attempt in range(1, 11):
@@ -96,7 +96,7 @@ def test_a_checkpoint_handed_over_is_identical_to_one_written_in_process(tmp_pat
     args = [WORKER, "--steps", "12", "--every", "4", "--sleep", "0"]
     subprocess.run([sys.executable, *args, "--dir", str(alone)], check=True, env=clean_env(), timeout=120,
                    capture_output=True)
-    daemon = Daemon(supervised, args).start()
+    daemon = Daemon(supervised, args, ["--shared-memory"]).start()
     assert daemon.wait(120) == 0, daemon.stderr[-3000:]
     assert "from shared memory" in daemon.stderr  # the daemon committed them, not the worker
     assert committed_steps(alone) == committed_steps(supervised) == [4, 8, 12]
@@ -112,11 +112,12 @@ def test_a_checkpoint_handed_over_is_identical_to_one_written_in_process(tmp_pat
         verify_ok(supervised, step)
 
 
-def test_no_segment_is_left_after_sigkill_of_the_worker_or_of_the_daemon(tmp_path):
+@pytest.mark.parametrize("next_shared", [True, False], ids=["next-start-shared", "next-start-without"])
+def test_no_segment_is_left_after_sigkill_of_the_worker_or_of_the_daemon(tmp_path, next_shared):
     run = tmp_path / "run"
     folder = folder_for(str(run))
     before = set(os.listdir(SHM_ROOT))
-    options = ["--max-restarts", "10", *fast_backoff(tmp_path)]
+    options = ["--shared-memory", "--max-restarts", "10", *fast_backoff(tmp_path)]
     worker = [WORKER, "--steps", "100000", "--every", "3", "--sleep", "0.003"]
     daemon = Daemon(run, worker, options).start()
     first = daemon.worker_pid()
@@ -131,7 +132,9 @@ def test_no_segment_is_left_after_sigkill_of_the_worker_or_of_the_daemon(tmp_pat
     assert len(now) <= 2 and all(v[2] == sizes.get(n.replace(str(second), str(first)), v[2]) for n, v in now.items())
     daemon.kill()  # SIGKILL the daemon (and the worker): nothing is left to clean up but the next start
     assert os.listdir(folder)  # what a killed daemon leaves...
-    again = Daemon(run, [WORKER, "--steps", "1", "--every", "1000"], options).start()
+    # the next start cleans up whether or not it uses shared memory itself
+    again = Daemon(run, [WORKER, "--steps", "1", "--every", "1000"],
+                   options if next_shared else options[1:]).start()
     assert again.wait(120) == 0, again.stderr[-3000:]
     assert not os.path.exists(folder)  # ...the next daemon of the run removes (and the end of the run, its own)
     assert set(os.listdir(SHM_ROOT)) - before == set()
@@ -144,7 +147,7 @@ def progress_step(run: Path) -> int:
 
 def test_with_both_segments_waiting_for_the_daemon_the_worker_waits_and_loses_nothing(tmp_path):
     run = tmp_path / "run"
-    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"]).start()
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"], ["--shared-memory"]).start()
     folder = folder_for(str(run))
     daemon.worker_pid()
     wait_until(lambda: len(committed_steps(run)) >= 2, 60)
@@ -170,7 +173,7 @@ def test_with_both_segments_waiting_for_the_daemon_the_worker_waits_and_loses_no
 
 def test_a_worker_whose_daemon_dies_with_its_hand_overs_pending_commits_them_itself(tmp_path):
     run = tmp_path / "run"
-    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"]).start()
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"], ["--shared-memory"]).start()
     folder = folder_for(str(run))
     pid = daemon.worker_pid()
     wait_until(lambda: len(committed_steps(run)) >= 2, 60)
@@ -189,3 +192,14 @@ def test_a_worker_whose_daemon_dies_with_its_hand_overs_pending_commits_them_its
     last = json.loads((run / f"ckpt-{max(steps):012d}" / "manifest.json").read_text())
     assert last["reason"] == "emergency"  # and it stopped with an emergency checkpoint, written itself
     assert not os.path.exists(folder)  # nothing left in /dev/shm: its segments and the dead daemon's folder
+
+
+def test_without_the_option_saves_are_written_by_the_worker_and_nothing_goes_to_dev_shm(tmp_path):
+    """The hand-over is opt-in (--shared-memory): by default the worker writes its own saves and the
+    daemon creates nothing in /dev/shm."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "8", "--every", "4", "--sleep", "0"]).start()
+    assert daemon.wait(120) == 0, daemon.stderr[-3000:]
+    assert "from shared memory" not in daemon.stderr
+    assert committed_steps(run) == [4, 8]
+    assert not os.path.lexists(folder_for(str(run)))

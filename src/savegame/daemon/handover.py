@@ -26,14 +26,20 @@ log = logging.getLogger("savegame")
 
 
 class SnapshotTaker:
-    def __init__(self, run_dir: str, store: CheckpointStore, node: str = "", root: str = shm.SHM_ROOT) -> None:
+    def __init__(self, run_dir: str, store: CheckpointStore, node: str = "", root: str = shm.SHM_ROOT,
+                 enabled: bool = True) -> None:
         self.store = store
         self._buffer: Optional[mmap.mmap] = None  # page-aligned, reused from commit to commit
         self.dropped = 0
-        self.folder = shm.prepare_folder(run_dir, root, node)
+        self.folder: Optional[str] = None
+        if enabled or os.path.lexists(shm.folder_for(run_dir, root, node)):
+            self.folder = shm.prepare_folder(run_dir, root, node)
         if self.folder is not None:  # what a killed daemon left: the READY ones are committed, then all go
             for event in self.worker_gone():
                 log.info("committed step %s, handed over before the last daemon died", event["step"])
+        if not enabled and self.folder is not None:  # salvaged; this run saves without shared memory
+            shm.remove(self.folder)
+            self.folder = None
 
     def env(self) -> dict[str, str]:
         """What tells a worker to hand its saves over (nothing when shared memory is not usable)."""

@@ -71,7 +71,8 @@ class Supervisor:
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])
         self.notifier = Notifier()
         self.inbox = EventInbox(self.run_dir, self.node.file("events.sock"))
-        self.snapshots = SnapshotTaker(self.run_dir, self.local, self.node.name or "")
+        self.snapshots = SnapshotTaker(self.run_dir, self.local, self.node.name or "",
+                                       enabled=bool(settings["shared_memory"]))
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"),
                                    (self.node.file("worker.out"), self.node.file("worker.err")))
