@@ -262,6 +262,13 @@ class Supervisor:
         for event in self.inbox.drain(self._accept_sender):
             self._on_worker_event(event)
 
+    def _commit_handed_over(self) -> None:
+        """Only the hand-overs (the daemon is going: nothing else it hears matters now)."""
+        for event in self.inbox.drain(self._accept_sender):
+            committed = self.snapshots.take(event) if event["event"] == protocol.EVENT_SNAPSHOT else None
+            if committed is not None:
+                self._note_commit(committed)
+
     def _on_worker_event(self, event: Mapping[str, Any]) -> None:
         if event["event"] == protocol.EVENT_SNAPSHOT:
             committed = self.snapshots.take(event)  # commits before anything else is heard of this worker
@@ -518,8 +525,14 @@ class Supervisor:
             return
         self._signal_worker(signal.SIGTERM)
         deadline = time.monotonic() + self.config["grace"]
+        committing = self.snapshots.folder is not None  # its emergency save may be handed over: commit it
         while time.monotonic() < deadline and self.worker.poll() is None:
-            self._take_worker_events()  # its emergency save may be handed over: commit it
+            if committing:
+                try:
+                    self._commit_handed_over()
+                except Exception:  # noqa: BLE001 - the loop that failed may fail here too: just wait
+                    log.exception("committing the worker's hand-over while stopping")
+                    committing = False
             time.sleep(0.05)
 
     def _shutdown(self, selector: selectors.BaseSelector) -> None:
