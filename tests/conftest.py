@@ -116,9 +116,13 @@ def no_leftover_daemons() -> Iterator[None]:
     flushing to a dead server for a minute, no 100,000-step worker running on."""
     from helpers import Daemon
 
+    from savegame.snapshot.folder import folder_for, remove
+
     yield
     while Daemon.started:
-        Daemon.started.pop().kill()
+        daemon = Daemon.started.pop()
+        daemon.kill()
+        remove(folder_for(str(daemon.run_dir)))  # what the run's next daemon start would clean (shared memory)
 
 
 @pytest.fixture

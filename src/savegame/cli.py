@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="restart a worker silent this long (auto: max(hang_floor, 20 x its slowest step)); 0: off")
     run.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (off by default)")
     run.add_argument("--metrics-textfile", metavar="FILE.prom", help="write them for node_exporter's textfile collector")
+    run.add_argument("--shared-memory", action="store_true", default=None,
+                     help="hand saves over to the daemon through /dev/shm: a worker killed right after a save "
+                          "still gets it committed (costs two more state-sized copies in RAM)")
     run.add_argument("--nodes", type=int, metavar="N", help="the job spans N nodes, one daemon each, on a shared --dir")
     run.add_argument("--node", metavar="NAME", help="with --nodes: this node's name (default: the host name)")
     run.add_argument("--leader", action="store_true", default=None,
@@ -144,7 +147,7 @@ def config_from_args(args: argparse.Namespace, stored: Optional[Layer] = None) -
                       ("monitor", "monitor"), ("mode", "mode"), ("grace", "grace"),
                       ("max_restarts", "max_restarts"), ("hang_timeout", "hang_timeout"), ("metrics", "metrics"),
                       ("metrics_textfile", "metrics_textfile"), ("nodes", "nodes"), ("node", "node"),
-                      ("leader", "leader")):
+                      ("leader", "leader"), ("shared_memory", "shared_memory")):
         value = getattr(args, flag, None)
         if value is not None:
             flags[key] = value

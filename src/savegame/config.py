@@ -233,6 +233,7 @@ TOP_KEYS: dict[str, Parser] = {
     "nodes": _integer(1), "node": _node_name, "leader": _boolean,  # a job on several nodes (daemon/nodes.py)
     "preemption_signal": _preemption_signal, "preemption_endpoint": _endpoint,
     "worker_oom_score_adj": _int_between(-1000, 1000),
+    "shared_memory": _boolean,  # hand saves over to the daemon through /dev/shm (daemon/handover.py)
     **SEE_KEYS,  # metrics, metrics_textfile
 }
 SECTIONS: dict[str, dict[str, Parser]] = {"save": SAVE_KEYS, "keep": KEEP_KEYS, "mirror_keep": KEEP_KEYS,
@@ -244,6 +245,7 @@ DEFAULTS: dict[str, Any] = {
     "mirror_deadline": 60.0, "upload_timeout": 600.0, "mirror_wait": 300.0, "preemption_interval": 5.0,
     "save": {"min_delta": 0.0, "mtbf_prior": 86400.0}, "keep": {"every_unit": "step"},
     "rollback": {"on": [], "spike_factor": 10.0, "window": 100, "max": 3, "skip_batches": False},
+    "shared_memory": False,  # opt-in: 2 more state-sized copies in RAM, commits on the daemon's loop
     "worker_oom_score_adj": 0,  # the worker does not inherit the daemon's protection (OOMScoreAdjust=-500)
 }
 

@@ -26,6 +26,7 @@ ENV_EVENTS = "SAVEGAME_EVENTS"
 ENV_CONFIG = "SAVEGAME_CONFIG"  # JSON file of the settings the user gave the daemon (an addition)
 ENV_PROGRESS = "SAVEGAME_PROGRESS"  # 8-byte file the worker writes its step into (an addition)
 ENV_RELIABILITY = "SAVEGAME_RELIABILITY"  # {"failures": n, "observed_s": t}: the run's record, for the MTBF
+ENV_SEGMENTS = "SAVEGAME_SEGMENTS"  # the daemon's private /dev/shm folder: hand snapshots over there
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -38,6 +39,7 @@ EXIT_CONFIG = 78  # EX_CONFIG: never retried
 
 MAX_DATAGRAM = 16 * 1024
 EVENT_HELLO = "hello"  # the training process announces itself: pid, handles, rank, world_size
+EVENT_SNAPSHOT = "snapshot"  # a segment handed over for the daemon to commit: segment (its name), step, seq
 # The worker sends a heartbeat at the first step boundary at least this long after its last one (and
 # every interval inside a keepalive); the daemon bounds step times with it.
 HEARTBEAT_INTERVAL_S = 0.5
@@ -76,6 +78,24 @@ class DatagramSender:
 
     def send(self, event: str, **fields: Any) -> bool:
         return self.send_raw(json.dumps({"event": event, "pid": os.getpid(), **fields}).encode())
+
+    def try_send(self, event: str, **fields: Any) -> Optional[bool]:
+        """An event that must arrive: True when sent, None when the daemon's queue is full (try
+        again), False when nobody listens."""
+        if self._sock is None or self.address is None:
+            return False
+        try:
+            self._sock.sendto(json.dumps({"event": event, "pid": os.getpid(), **fields}).encode(),
+                              socket_address(self.address))
+            return True
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _PEER_GONE:
+                self.peer_gone = True
+            elif exc.errno == errno.ENOENT:
+                self.peer_missing = True
+            return False
 
     def close(self) -> None:
         if self._sock is not None:

@@ -20,6 +20,7 @@ from savegame.config import RunConfig
 from savegame.daemon import machine as m
 from savegame.daemon.decisions import Decisions
 from savegame.daemon.events import EventInbox, next_heartbeat, number
+from savegame.daemon.handover import SnapshotTaker
 from savegame.daemon.hang import HangWatch
 from savegame.daemon.housekeeping import Housekeeping
 from savegame.daemon.mirror import Mirror
@@ -70,6 +71,8 @@ class Supervisor:
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])
         self.notifier = Notifier()
         self.inbox = EventInbox(self.run_dir, self.node.file("events.sock"))
+        self.snapshots = SnapshotTaker(self.run_dir, self.local, self.node.name or "",
+                                       enabled=bool(settings["shared_memory"]))
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"),
                                    (self.node.file("worker.out"), self.node.file("worker.err")))
@@ -257,27 +260,42 @@ class Supervisor:
 
     def _take_worker_events(self) -> None:
         for event in self.inbox.drain(self._accept_sender):
-            self.last_event_mono = time.monotonic()
-            self.hang.observe(event, self.last_event_mono)
-            self.observer.worker_event(event)
-            kind = event["event"]
-            if kind == protocol.EVENT_HELLO:
-                self._on_hello(event)
-            self.ranks.note(event)
-            if kind in HEARTBEAT_EVENTS:
-                self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
-            if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
-                self.startup.adopt_worker_policy(event["policy"])
-            if kind == "resumed" and number(event, "resumed_from") is not None:
-                self.loaded_step = int(number(event, "resumed_from"))  # type: ignore[arg-type]
-            if kind == "committed":
-                self._note_commit(event)
-            elif kind == "saving":
-                self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
-            elif kind == "interval" and isinstance(event.get("why"), str):
-                log.info("the worker saves every %.1fs now: %s", number(event, "seconds") or 0.0, event["why"][:500])
-            elif kind == "bad-checkpoint":
-                log.error("the worker could not load step %s: %s", event.get("step"), str(event.get("problem"))[:500])
+            self._on_worker_event(event)
+
+    def _commit_handed_over(self) -> None:
+        """Only the hand-overs (the daemon is going: nothing else it hears matters now)."""
+        for event in self.inbox.drain(self._accept_sender):
+            committed = self.snapshots.take(event) if event["event"] == protocol.EVENT_SNAPSHOT else None
+            if committed is not None:
+                self._note_commit(committed)
+
+    def _on_worker_event(self, event: Mapping[str, Any]) -> None:
+        if event["event"] == protocol.EVENT_SNAPSHOT:
+            committed = self.snapshots.take(event)  # commits before anything else is heard of this worker
+            if committed is not None:
+                self._on_worker_event(committed)
+            return
+        self.last_event_mono = time.monotonic()
+        self.hang.observe(event, self.last_event_mono)
+        self.observer.worker_event(event)
+        kind = event["event"]
+        if kind == protocol.EVENT_HELLO:
+            self._on_hello(event)
+        self.ranks.note(event)
+        if kind in HEARTBEAT_EVENTS:
+            self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
+        if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
+            self.startup.adopt_worker_policy(event["policy"])
+        if kind == "resumed" and number(event, "resumed_from") is not None:
+            self.loaded_step = int(number(event, "resumed_from"))  # type: ignore[arg-type]
+        if kind == "committed":
+            self._note_commit(event)
+        elif kind == "saving":
+            self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
+        elif kind == "interval" and isinstance(event.get("why"), str):
+            log.info("the worker saves every %.1fs now: %s", number(event, "seconds") or 0.0, event["why"][:500])
+        elif kind == "bad-checkpoint":
+            log.error("the worker could not load step %s: %s", event.get("step"), str(event.get("problem"))[:500])
 
     def _on_hello(self, event: Mapping[str, Any]) -> None:
         handles = event.get("handles")
@@ -338,6 +356,8 @@ class Supervisor:
             return
         self._exit_reported = True
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
+        for committed in self.snapshots.worker_gone():  # made READY, killed before it could say so
+            self._on_worker_event(committed)
         code, signum = status
         senders = self.ranks.senders()
         launcher = bool(senders) and self.worker.pid not in senders  # torchrun (or a wrapper), not a rank itself
@@ -442,6 +462,7 @@ class Supervisor:
         env = worker_env(os.environ, self.run_dir, self.resume_point.info.path if self.resume_point else None,
                          self.run_id, self.attempt, self.inbox.address, self.startup.settings_path, progress_path)
         env.update(self.startup.launcher_env)
+        env.update(self.snapshots.env())
         if self._stop_pending():
             return  # a stop arrived while preparing: the StopRequested event ends the run
         env = self.decisions.worker_env(env)
@@ -504,7 +525,14 @@ class Supervisor:
             return
         self._signal_worker(signal.SIGTERM)
         deadline = time.monotonic() + self.config["grace"]
+        committing = self.snapshots.folder is not None  # its emergency save may be handed over: commit it
         while time.monotonic() < deadline and self.worker.poll() is None:
+            if committing:
+                try:
+                    self._commit_handed_over()
+                except Exception:  # noqa: BLE001 - the loop that failed may fail here too: just wait
+                    log.exception("committing the worker's hand-over while stopping")
+                    committing = False
             time.sleep(0.05)
 
     def _shutdown(self, selector: selectors.BaseSelector) -> None:
@@ -523,3 +551,4 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         selector.close()
         self.inbox.close()
+        self.snapshots.close()

@@ -36,6 +36,7 @@ from savegame.worker.commits import Commits, apply_retention
 from savegame.worker import exits
 from savegame.worker.exits import exit_config, exit_io, protect_output, say, say_now
 from savegame.worker.guard import LossGuard
+from savegame.worker.handover import HandoverWriter
 from savegame.worker.link import HEARTBEAT_INTERVAL_S, DaemonLink
 from savegame.worker.narrate import Narrator
 from savegame.worker.progress import Progress, rng_state, set_rng_state
@@ -98,7 +99,7 @@ class Checkpointer:
                                                           "press Ctrl-C again to quit at once")
         self._commits = Commits(self._link, self._committed, lambda: self._writer.last_persist_s)
         self._stall = [0.0, 0]  # seconds the training thread spent in saves, and how many (told to the daemon)
-        self._writer = BackgroundWriter(self.store, self._commits.done)
+        self._writer = self._make_writer()
         self._resume_mid_epoch = False
         self._agreement: Any = None  # the ranks of a torch.distributed job: decisions every rank takes alike
         self._epoch_open = False
@@ -108,6 +109,14 @@ class Checkpointer:
         self.uses_epochs = False
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def _make_writer(self) -> Union[BackgroundWriter, HandoverWriter]:
+        """Under a daemon that offers shared memory, saves are handed over to it; else written here."""
+        folder = os.environ.get(protocol.ENV_SEGMENTS, "") if self.supervised else ""
+        if folder and os.path.isdir(folder):
+            return HandoverWriter(self.store, folder, self._link, self._commits.done,
+                                  self._commits.committed_by_daemon)
+        return BackgroundWriter(self.store, self._commits.done)
 
     def track(self, **objects: Any) -> "Checkpointer":
         """Register what to save: model=, optimizer=, scheduler=, scaler=, sampler=, ... (any names)."""
@@ -392,7 +401,7 @@ class Checkpointer:
             return False  # this exact state is already committed
         if self._adapter is None:
             exit_config(ConfigError("nothing to save: call ckpt.track(model=..., optimizer=...) first"))
-        self._writer.wait()  # back-pressure: the buffers are free once the last save is written
+        self._writer.make_room()  # back-pressure: the buffers are free once the last save is out of them
         if self._commits.failures >= MAX_FAILED_SAVES:
             self.close()
             exit_io(f"{self._commits.failures} checkpoints in a row failed to save; stopping rather than training "

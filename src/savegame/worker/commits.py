@@ -48,6 +48,12 @@ class Commits:
         self._on_commit(info)
 
 
+    def committed_by_daemon(self, job: SaveJob, persist_s: float) -> None:
+        """The daemon committed a save handed over in shared memory (it reports that commit itself)."""
+        self.failures, self.error, self.step = 0, None, job.step
+        log.info("the daemon committed step %d (%s) in %.3fs", job.step, job.reason, persist_s)
+
+
 def apply_retention(store: CheckpointStore, config: RunConfig, resumed_from: Optional[int]) -> None:
     """Without a daemon the worker keeps what the policy says (never its resume source)."""
     protected = {resumed_from: "resume source"} if resumed_from is not None else {}

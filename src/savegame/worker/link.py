@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from savegame import protocol
 
@@ -48,6 +48,10 @@ class DaemonLink:
 
     def send(self, event: str, **fields: Any) -> None:
         self._events.send(event, **fields)
+
+    def try_send(self, event: str, **fields: Any) -> Optional[bool]:
+        """See DatagramSender.try_send."""
+        return self._events.try_send(event, **fields)
 
     def report(self, event: str, **extra: Any) -> None:
         """An event with the worker's status fields."""
@@ -115,6 +119,11 @@ def process_rank() -> tuple[int, int]:
     rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "")  # torchrun's, before init
     return (int(rank), int(world)) if rank.isdigit() and world.isdigit() else (0, 1)
 
+
+
+def daemon_alive() -> bool:
+    """Whether the daemon that started this worker still runs (True without one to ask)."""
+    return _daemon_alive()
 
 
 def _daemon_alive() -> bool:

@@ -36,6 +36,16 @@ class SaveJob:
     resumed_from: Optional[int]
 
 
+def tensors_metadata(step: int) -> dict[str, str]:
+    """The safetensors `__metadata__` of a checkpoint (every writer uses this: identical bytes)."""
+    return {"format": "savegame", "step": str(step)}
+
+
+def state_bytes(job: SaveJob) -> bytes:
+    """state.json of a save: the core state and the adapter's (every writer uses this)."""
+    return json.dumps({**job.core_state, "adapter": job.capture.state}).encode()
+
+
 def write_checkpoint(store: CheckpointStore, job: SaveJob) -> CheckpointInfo:
     """Stage, write, commit. The capture's buffers are only read, never kept."""
     if job.capture.write is not None:
@@ -44,10 +54,9 @@ def write_checkpoint(store: CheckpointStore, job: SaveJob) -> CheckpointInfo:
     try:
         with staged:
             with staged.open(TENSORS_FILE) as f, DirectWrites(f) as direct:
-                write_safetensors(direct, job.capture.blobs, {"format": "savegame", "step": str(job.step)},
+                write_safetensors(direct, job.capture.blobs, tensors_metadata(job.step),
                                   align=DIRECT_ALIGN, ready=job.capture.ready)
-            state = {**job.core_state, "adapter": job.capture.state}
-            staged.write_bytes(STATE_FILE, json.dumps(state).encode())
+            staged.write_bytes(STATE_FILE, state_bytes(job))
             for relpath, source in job.capture.files.items():
                 if callable(source):
                     with staged.open(relpath) as sink:
@@ -204,6 +213,10 @@ class BackgroundWriter:
             self._inflight.result()
             self._inflight = None
             self.inflight_step = None
+
+    def make_room(self) -> None:
+        """Until the host buffers are free for the next capture: here, once the last save is written."""
+        self.wait()
 
     def submit(self, job: SaveJob) -> None:
         self.wait()

@@ -1,0 +1,126 @@
+"""The daemon's end of the shared-memory hand-over: it commits what a worker handed over.
+
+A `snapshot` event names a segment in the run's private /dev/shm folder. The daemon opens it (a
+plain file of this user, named for the sending process), checks it and writes it through the store
+like any checkpoint, then answers in the segment's status word. A bad segment is logged and
+dropped (FAILED: the worker writes it itself); it never takes the daemon down. No framework is
+imported here. The commit runs on the daemon's loop, so a worker that dies right after the hand-over
+is only handled (and restarted) once its last checkpoint is committed.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+from typing import Any, Mapping, Optional
+
+from savegame import protocol
+from savegame.errors import MalformedInput
+from savegame.snapshot import folder as shm
+from savegame.snapshot.layout import SEGMENT_NAME
+from savegame.snapshot.persist import CHUNK, open_segment, persist, ready_step
+from savegame.storage import CheckpointInfo, CheckpointStore
+
+log = logging.getLogger("savegame")
+
+
+class SnapshotTaker:
+    def __init__(self, run_dir: str, store: CheckpointStore, node: str = "", root: str = shm.SHM_ROOT,
+                 enabled: bool = True) -> None:
+        self.store = store
+        self._buffer: Optional[mmap.mmap] = None  # page-aligned, reused from commit to commit
+        self.dropped = 0
+        self.folder: Optional[str] = None
+        if enabled or os.path.lexists(shm.folder_for(run_dir, root, node)):
+            self.folder = shm.prepare_folder(run_dir, root, node)
+        if self.folder is not None:  # what a killed daemon left: the READY ones are committed, then all go
+            for event in self.worker_gone():
+                log.info("committed step %s, handed over before the last daemon died", event["step"])
+        if not enabled and self.folder is not None:  # salvaged; this run saves without shared memory
+            shm.remove(self.folder)
+            self.folder = None
+
+    def env(self) -> dict[str, str]:
+        """What tells a worker to hand its saves over (nothing when shared memory is not usable)."""
+        return {protocol.ENV_SEGMENTS: self.folder} if self.folder else {}
+
+    def take(self, event: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """Commit the segment a `snapshot` event names; the `committed` event it amounts to, or None."""
+        if self.folder is None:
+            return None
+        began = time.monotonic()
+        try:
+            fd = open_segment(self.folder, event.get("segment"), int(event["pid"]))  # type: ignore[arg-type]
+        except MalformedInput as exc:
+            self._drop(exc)
+            return None
+        try:
+            if self._buffer is None:
+                self._buffer = mmap.mmap(-1, CHUNK)
+            info = persist(fd, self.store, self._buffer)
+        except MalformedInput as exc:
+            self._drop(exc)
+            return None
+        except OSError as exc:  # StorageError included: the worker is told (FAILED) and writes it itself
+            log.error("could not commit the snapshot of step %s from shared memory: %s", event.get("step"), exc)
+            return None
+        finally:
+            os.close(fd)
+        log.info("committed step %d (%s) from shared memory in %.3fs", info.step, info.reason,
+                 time.monotonic() - began)
+        return committed_event(info, int(event["pid"]), time.monotonic() - began)
+
+    def worker_gone(self) -> list[dict[str, Any]]:
+        """The worker died: commit what it made READY but may not have announced (killed between the
+        two), then remove its segments (a SIGKILLed worker cannot). The commits, as events."""
+        if self.folder is None:
+            return []
+        committed = self.salvage()
+        shm.clear(self.folder)
+        return committed
+
+    def salvage(self) -> list[dict[str, Any]]:
+        """Commit every READY segment in the folder, oldest step first (a step already committed is
+        skipped); the commits, as events."""
+        assert self.folder is not None
+        ready = []
+        for name in sorted(os.listdir(self.folder)):
+            match = SEGMENT_NAME.match(name)
+            step = ready_step(os.path.join(self.folder, name)) if match else None
+            if step is not None:
+                ready.append((step, name, int(match.group(1))))  # type: ignore[union-attr]
+        events = []
+        try:
+            done = {c.step for c in self.store.list()}
+        except OSError as exc:
+            log.error("cannot list %s to commit what a dead worker handed over: %s", self.store.url, exc)
+            return []
+        for step, name, pid in sorted(ready):
+            if step in done:
+                continue
+            event = self.take({"event": protocol.EVENT_SNAPSHOT, "segment": name, "pid": pid, "step": step})
+            if event is not None:
+                events.append(event)
+        return events
+
+    def close(self) -> None:
+        """The run ends: a READY segment of a worker killed on the way out is committed first."""
+        if self.folder is not None:
+            for event in self.worker_gone():
+                log.info("committed step %s, handed over by a worker killed at the end of the run", event["step"])
+            shm.remove(self.folder)
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
+    def _drop(self, exc: BaseException) -> None:
+        self.dropped += 1
+        log.warning("dropped a snapshot hand-over: %s", exc)
+
+
+def committed_event(info: CheckpointInfo, pid: int, persist_s: float) -> dict[str, Any]:
+    """The `committed` event a worker sends after writing a checkpoint itself, for the same commit."""
+    return {"event": "committed", "pid": pid, "step": info.step, "epoch": info.epoch, "reason": info.reason,
+            "path": info.path, "bytes": info.bytes, "metrics": dict(info.metrics), "persist_s": persist_s,
+            "by": "daemon"}

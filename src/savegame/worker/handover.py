@@ -1,0 +1,226 @@
+"""Saves handed over to the daemon through shared memory (a worker under `savegame run`).
+
+The writer thread renders the capture into a segment (the exact bytes of state.safetensors and
+state.json, the same functions as the in-process writer), marks it READY and sends one `snapshot`
+event; from then on the checkpoint no longer depends on this process: the daemon commits it even if
+the worker dies the next instant. The daemon answers in the segment's status word (COMMITTED or
+FAILED), which this side polls. At most two segments: one the daemon persists, one being filled;
+when both are busy the next save waits (the back-pressure rule). Captures that are not plain
+tensors + JSON (Keras' .weights.h5, TensorFlow files, a rank of a torch.distributed job) are
+written in-process as before; so is a segment the daemon refused, or one it can no longer take
+(it died): nothing handed over is lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Optional
+
+from savegame import protocol
+from savegame.snapshot.layout import PAGE, FileSpan, SnapshotMeta, Status, round_up
+from savegame.storage import CheckpointInfo, CheckpointStore
+from savegame.worker.adapter import STATE_FILE, TENSORS_FILE
+from savegame.worker.link import DaemonLink, daemon_alive, process_rank
+from savegame.worker.safetensors_io import encode_header, write_safetensors
+from savegame.worker.segments import MAX_SEGMENTS, Segment, SegmentSink, capacity_for, create_segment, publish
+from savegame.worker.writer import (DIRECT_ALIGN, SaveJob, _yield_to_training, state_bytes, tensors_metadata,
+                                    write_checkpoint)
+
+log = logging.getLogger("savegame.worker")
+POLL_S = 0.002
+ALIVE_CHECK_S = 0.25
+ANNOUNCE_TIMEOUT_S = 5.0
+Done = Callable[[SaveJob, Optional[CheckpointInfo], Optional[BaseException]], None]
+
+
+def eligible(job: SaveJob) -> bool:
+    """Plain tensors + JSON of a single-process worker: what a segment holds."""
+    return job.capture.write is None and not job.capture.files and process_rank()[1] == 1
+
+
+class HandoverWriter:
+    """BackgroundWriter's interface (submit, make_room, wait, close); the daemon commits."""
+
+    def __init__(self, store: CheckpointStore, folder: str, link: DaemonLink, on_done: Done,
+                 on_daemon_commit: Callable[[SaveJob, float], None]) -> None:
+        self._store = store
+        self._folder = folder
+        self._link = link
+        self._on_done = on_done  # saves this process wrote (or failed to)
+        self._on_daemon_commit = on_daemon_commit  # saves the daemon committed (it already knows)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-handover",
+                                        initializer=_yield_to_training)
+        self._inflight: Optional[Future[None]] = None
+        self._segments: list[Optional[Segment]] = [None] * MAX_SEGMENTS
+        self._lock = threading.Lock()  # reaping runs on the writer and on the training thread
+        self._seq = 0
+        self._alive_checked = 0.0
+        self.inflight_step: Optional[int] = None
+        self.last_persist_s: Optional[float] = None
+
+    # -- the training thread --------------------------------------------------------------------
+
+    def submit(self, job: SaveJob) -> None:
+        self.make_room()
+        self.inflight_step = job.step
+        self._inflight = self._pool.submit(self._run, job, time.monotonic())
+
+    def make_room(self) -> None:
+        """Until the last capture is out of the host buffers (in a segment, or written)."""
+        if self._inflight is not None:
+            self._inflight.result()
+            self._inflight = None
+
+    def wait(self) -> None:
+        """Until every save is committed (by the daemon or here) or has failed."""
+        self.make_room()
+        while self._settle():
+            time.sleep(POLL_S)
+        self.inflight_step = None
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
+        with self._lock:
+            for index, segment in enumerate(self._segments):
+                if segment is not None:
+                    segment.close(unlink=True)
+                    self._segments[index] = None
+        if self._link.gone or not daemon_alive():  # nobody else will remove the (now empty) folder
+            with contextlib.suppress(OSError):
+                os.rmdir(self._folder)
+
+    # -- the writer thread ----------------------------------------------------------------------
+
+    def _run(self, job: SaveJob, submitted: float) -> None:
+        try:
+            if not eligible(job) or not self._hand_over(job, submitted):
+                info = write_checkpoint(self._store, job)
+                self.last_persist_s = time.monotonic() - submitted
+                self._on_done(job, info, None)
+        except BaseException as exc:  # reported to the training thread through on_done
+            self._on_done(job, None, exc)
+
+    def _hand_over(self, job: SaveJob, submitted: float) -> bool:
+        """Render into a segment and announce it; False: write in-process instead (nothing was handed)."""
+        header = encode_header(job.capture.blobs, tensors_metadata(job.step), align=DIRECT_ALIGN)
+        tensor_bytes = len(header) + sum(blob.data.nbytes for blob in job.capture.blobs)
+        state = state_bytes(job)
+        files = (FileSpan(TENSORS_FILE, PAGE, tensor_bytes),
+                 FileSpan(STATE_FILE, PAGE + round_up(tensor_bytes), len(state)))
+        meta = SnapshotMeta(job.step, job.epoch, job.reason, dict(job.metrics), job.framework, job.run_id,
+                            job.resumed_from, files)
+        meta_offset = files[1].offset + round_up(len(state))
+        segment = self._free_segment(meta_offset + len(meta.to_json()))
+        if segment is None:
+            return False
+        try:
+            segment.set_status(Status.FILLING)
+            written = write_safetensors(SegmentSink(segment, PAGE), job.capture.blobs, tensors_metadata(job.step),
+                                        align=DIRECT_ALIGN, ready=job.capture.ready)
+            if written != tensor_bytes:
+                raise ValueError(f"rendered {written} bytes of {TENSORS_FILE}, planned {tensor_bytes}")
+            SegmentSink(segment, files[1].offset).write(state)
+            self._seq += 1
+            with self._lock:  # from here on the training thread's reaping may see it
+                segment.job, segment.handed_at, segment.seq = job, submitted, self._seq
+                publish(segment, meta, meta_offset, self._seq)
+        except BaseException:
+            segment.job = None
+            segment.set_status(Status.FREE)
+            raise
+        finally:
+            if job.capture.cleanup is not None:
+                job.capture.cleanup()
+        if not self._announce(segment, job.step):
+            with self._lock:
+                if segment.job is job:  # (unless the reaping found the daemon gone and wrote it already)
+                    self._write_here(segment)  # nobody will take it: commit it from the segment ourselves
+        return True
+
+    def _free_segment(self, required: int) -> Optional[Segment]:
+        """A segment holding nothing the daemon still has to commit, at least `required` bytes; waits
+        while both are busy. None when shared memory is refused (then this save is written here)."""
+        while True:
+            with self._lock:
+                self._reap()
+                free = [i for i, s in enumerate(self._segments) if s is None or s.job is None]
+                for index in free:
+                    segment = self._segments[index]
+                    if segment is not None and segment.capacity >= required:
+                        return segment
+                if free:
+                    return self._replace(free[0], required)
+            time.sleep(POLL_S)
+
+    def _replace(self, index: int, required: int) -> Optional[Segment]:
+        old = self._segments[index]
+        if old is not None:
+            old.close(unlink=True)  # too small: its memory goes before a bigger segment's is taken
+            self._segments[index] = None
+        try:
+            segment = create_segment(self._folder, index, capacity_for(required))
+        except OSError as exc:
+            log.warning("cannot make a %d-byte snapshot segment in %s (%s): saving in this process",
+                        required, self._folder, exc)
+            return None
+        self._segments[index] = segment
+        return segment
+
+    def _announce(self, segment: Segment, step: int) -> bool:
+        deadline = time.monotonic() + ANNOUNCE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            sent = self._link.try_send(protocol.EVENT_SNAPSHOT, segment=segment.name, step=step, seq=segment.seq)
+            if sent is not None:
+                return sent
+            time.sleep(POLL_S)  # the daemon's queue is full: it is busy, not gone
+        return False
+
+    # -- either thread, under the lock ----------------------------------------------------------
+
+    def _settle(self) -> bool:
+        """Reap what the daemon answered; True while a handed-over save is still pending."""
+        with self._lock:
+            self._reap()
+            return any(s is not None and s.job is not None for s in self._segments)
+
+    def _reap(self) -> None:
+        daemon_gone = self._daemon_gone()
+        for segment in self._segments:
+            if segment is None or segment.job is None:
+                continue
+            status = segment.status
+            if status == Status.COMMITTED:
+                job, segment.job = segment.job, None
+                self.last_persist_s = time.monotonic() - segment.handed_at
+                self._on_daemon_commit(job, self.last_persist_s)
+            elif status == Status.FAILED or (daemon_gone and status == Status.READY):
+                if status == Status.FAILED:
+                    log.warning("the daemon did not commit step %d from shared memory: writing it here",
+                                segment.job.step)
+                self._write_here(segment)
+
+    def _write_here(self, segment: Segment) -> None:
+        """Commit a handed-over segment in this process (the daemon refused it, or is gone)."""
+        from savegame.snapshot.persist import persist  # the daemon's own code path: identical bytes
+
+        job, segment.job = segment.job, None
+        segment.set_status(Status.READY)
+        try:
+            info = persist(segment.fd, self._store)
+        except BaseException as exc:
+            self._on_done(job, None, exc)
+            return
+        self.last_persist_s = time.monotonic() - segment.handed_at
+        self._on_done(job, info, None)
+
+    def _daemon_gone(self) -> bool:
+        now = time.monotonic()
+        if now - self._alive_checked < ALIVE_CHECK_S:
+            return False
+        self._alive_checked = now
+        return self._link.gone or not daemon_alive()

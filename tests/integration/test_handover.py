@@ -1,0 +1,205 @@
+"""The shared-memory hand-over, with real processes and signals: a supervised torch worker hands its
+saves to the daemon in /dev/shm; the daemon commits them, even when the worker is SIGKILLed right
+after the hand-over, and no segment outlives the run (or a SIGKILLed worker, or daemon)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import TESTS, Daemon, clean_env, committed_steps, savegame, wait_until
+from savegame.snapshot.folder import SHM_ROOT, folder_for
+from savegame.snapshot.layout import CONTROL, SEGMENT_NAME, Status
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not os.path.isdir(SHM_ROOT), reason="no /dev/shm"),
+              pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the worker needs torch")]
+WORKER = str(TESTS / "workers" / "torch_handover_worker.py")
+
+
+def fast_backoff(tmp_path: Path) -> list[str]:
+    config = tmp_path / "fast.toml"
+    config.write_text("backoff_initial = 0.1\nbackoff_max = 0.2\n")
+    return ["--config", str(config)]
+
+
+def segments(folder: str) -> dict[str, tuple[int, int, int]]:
+    """name -> (status, step, size) of every segment file in the folder."""
+    found = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        try:
+            with open(os.path.join(folder, name), "rb", buffering=0) as f:
+                head = f.read(CONTROL.size)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            continue
+        if len(head) == CONTROL.size:
+            _magic, _version, status, _seq, step, _cap, _off, _len = CONTROL.unpack(head)
+            found[name] = (status, step, size)
+    return found
+
+
+def kill_when_handed_over(folder: str, pid: int, timeout: float = 60) -> tuple[int, int]:
+    """SIGKILL `pid` the moment one of its segments turns READY; (the step it holds, files seen)."""
+    deadline = time.monotonic() + timeout
+    most = 0
+    while time.monotonic() < deadline:
+        mine = {n: v for n, v in segments(folder).items() if int(SEGMENT_NAME.match(n).group(1)) == pid}
+        most = max(most, len(mine))
+        for status, step, _size in mine.values():
+            if status == Status.READY:
+                os.kill(pid, signal.SIGKILL)
+                return step, most
+        time.sleep(0.0002)
+    raise TimeoutError(f"worker {pid} handed nothing over within {timeout}s")
+
+
+def verify_ok(run: Path, step: int) -> None:
+    result = savegame("verify", str(run), "--step", str(step), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(entry["ok"] for entry in json.loads(result.stdout)), result.stdout
+
+
+def test_a_worker_killed_right_after_the_hand_over_still_gets_it_committed_and_resumes_from_it(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003", "--keep-last", "1000"],
+                    ["--shared-memory", "--max-restarts", "100", *fast_backoff(tmp_path)]).start()
+    folder = folder_for(str(run))
+    killed, pid, files_seen = [], None, 0
+    for attempt in range(1, 11):
+        wait_until(lambda: f"attempt {attempt}\n" in daemon.stdout, 60)
+        pid = daemon.worker_pid(other_than=pid)
+        step, most = kill_when_handed_over(folder, pid)
+        killed.append(step)
+        files_seen = max(files_seen, most)
+        # the next worker starts from exactly that checkpoint: committed by the daemon, not by the dead worker
+        wait_until(lambda: f"resumed {step} attempt {attempt + 1}\n" in daemon.stdout, 60)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    assert files_seen <= 2
+    steps = committed_steps(run)
+    for step in killed:
+        assert step in steps
+        verify_ok(run, step)
+    assert not os.path.exists(folder), "the run's segment folder outlived the run"
+
+
+def test_a_checkpoint_handed_over_is_identical_to_one_written_in_process(tmp_path):
+    alone, supervised = tmp_path / "alone", tmp_path / "supervised"
+    args = [WORKER, "--steps", "12", "--every", "4", "--sleep", "0"]
+    subprocess.run([sys.executable, *args, "--dir", str(alone)], check=True, env=clean_env(), timeout=120,
+                   capture_output=True)
+    daemon = Daemon(supervised, args, ["--shared-memory"]).start()
+    assert daemon.wait(120) == 0, daemon.stderr[-3000:]
+    assert "from shared memory" in daemon.stderr  # the daemon committed them, not the worker
+    assert committed_steps(alone) == committed_steps(supervised) == [4, 8, 12]
+    for step in (4, 8, 12):
+        name = f"ckpt-{step:012d}"
+        a = json.loads((alone / name / "manifest.json").read_text())
+        b = json.loads((supervised / name / "manifest.json").read_text())
+        assert a["files"] == b["files"]  # names, sizes, checksums
+        for key in ("step", "epoch", "reason", "framework", "metrics"):
+            assert a[key] == b[key]
+        for f in a["files"]:
+            assert (alone / name / f["path"]).read_bytes() == (supervised / name / f["path"]).read_bytes()
+        verify_ok(supervised, step)
+
+
+@pytest.mark.parametrize("next_shared", [True, False], ids=["next-start-shared", "next-start-without"])
+def test_no_segment_is_left_after_sigkill_of_the_worker_or_of_the_daemon(tmp_path, next_shared):
+    run = tmp_path / "run"
+    folder = folder_for(str(run))
+    before = set(os.listdir(SHM_ROOT))
+    options = ["--shared-memory", "--max-restarts", "10", *fast_backoff(tmp_path)]
+    worker = [WORKER, "--steps", "100000", "--every", "3", "--sleep", "0.003"]
+    daemon = Daemon(run, worker, options).start()
+    first = daemon.worker_pid()
+    wait_until(lambda: any(int(SEGMENT_NAME.match(n).group(1)) == first for n in segments(folder)), 60)
+    sizes = {n: v[2] for n, v in segments(folder).items()}
+    os.kill(first, signal.SIGKILL)  # its segments cannot be removed by it
+    second = daemon.worker_pid(other_than=first)
+    wait_until(lambda: any(int(SEGMENT_NAME.match(n).group(1)) == second for n in segments(folder)), 60)
+    assert not [n for n in segments(folder) if int(SEGMENT_NAME.match(n).group(1)) == first]
+    time.sleep(0.5)  # several saves: the segments are reused, never grown, never more than two
+    now = segments(folder)
+    assert len(now) <= 2 and all(v[2] == sizes.get(n.replace(str(second), str(first)), v[2]) for n, v in now.items())
+    daemon.kill()  # SIGKILL the daemon (and the worker): nothing is left to clean up but the next start
+    assert os.listdir(folder)  # what a killed daemon leaves...
+    # the next start cleans up whether or not it uses shared memory itself
+    again = Daemon(run, [WORKER, "--steps", "1", "--every", "1000"],
+                   options if next_shared else options[1:]).start()
+    assert again.wait(120) == 0, again.stderr[-3000:]
+    assert not os.path.exists(folder)  # ...the next daemon of the run removes (and the end of the run, its own)
+    assert set(os.listdir(SHM_ROOT)) - before == set()
+
+
+def progress_step(run: Path) -> int:
+    (step,) = struct.unpack("<q", (run / ".savegame" / "progress").read_bytes()[:8])
+    return step
+
+
+def test_with_both_segments_waiting_for_the_daemon_the_worker_waits_and_loses_nothing(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"], ["--shared-memory"]).start()
+    folder = folder_for(str(run))
+    daemon.worker_pid()
+    wait_until(lambda: len(committed_steps(run)) >= 2, 60)
+    daemon.signal(signal.SIGSTOP)  # a daemon that cannot keep up (a slow disk): nothing is committed
+    try:
+        time.sleep(1.0)
+        held = progress_step(run)
+        time.sleep(0.5)
+        assert progress_step(run) == held  # back-pressure: the worker waits for a free segment
+        busy = segments(folder)
+        assert len(busy) == 2 and all(status == Status.READY for status, _, _ in busy.values())
+    finally:
+        daemon.signal(signal.SIGCONT)
+    wait_until(lambda: progress_step(run) > held + 20, 60)  # the daemon caught up: training goes on
+    daemon.signal(signal.SIGTERM)  # an emergency stop: its checkpoint goes through the same hand-over
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    assert "committed step" in daemon.stderr and "(emergency) from shared memory" in daemon.stderr
+    steps = committed_steps(run)
+    last_even = max(s for s in steps if s % 2 == 0)
+    assert set(range(2, last_even + 1, 2)) <= set(steps)  # every save committed, none lost while waiting
+    verify_ok(run, max(steps))
+
+
+def test_a_worker_whose_daemon_dies_with_its_hand_overs_pending_commits_them_itself(tmp_path):
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.003", "--keep-last", "100000"], ["--shared-memory"]).start()
+    folder = folder_for(str(run))
+    pid = daemon.worker_pid()
+    wait_until(lambda: len(committed_steps(run)) >= 2, 60)
+    daemon.signal(signal.SIGSTOP)
+    wait_until(lambda: [v for v in segments(folder).values() if v[0] == Status.READY][1:], 30)
+    pending = sorted(v[1] for v in segments(folder).values() if v[0] == Status.READY)
+    daemon.signal(signal.SIGKILL)  # with two saves handed over and not committed
+    daemon.proc.wait()
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", 60)
+    steps = committed_steps(run)
+    assert set(pending) <= set(steps)  # the worker wrote what the dead daemon had not
+    last_even = max(s for s in steps if s % 2 == 0)
+    assert set(range(2, last_even + 1, 2)) <= set(steps)
+    for step in pending + [max(steps)]:
+        verify_ok(run, step)
+    last = json.loads((run / f"ckpt-{max(steps):012d}" / "manifest.json").read_text())
+    assert last["reason"] == "emergency"  # and it stopped with an emergency checkpoint, written itself
+    assert not os.path.exists(folder)  # nothing left in /dev/shm: its segments and the dead daemon's folder
+
+
+def test_without_the_option_saves_are_written_by_the_worker_and_nothing_goes_to_dev_shm(tmp_path):
+    """The hand-over is opt-in (--shared-memory): by default the worker writes its own saves and the
+    daemon creates nothing in /dev/shm."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "8", "--every", "4", "--sleep", "0"]).start()
+    assert daemon.wait(120) == 0, daemon.stderr[-3000:]
+    assert "from shared memory" not in daemon.stderr
+    assert committed_steps(run) == [4, 8]
+    assert not os.path.lexists(folder_for(str(run)))
