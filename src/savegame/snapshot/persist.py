@@ -6,6 +6,7 @@ segment is read with pread into one page-aligned buffer, never mapped (see layou
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import stat
@@ -83,7 +84,8 @@ def persist(fd: int, store: CheckpointStore, buffer: Optional[mmap.mmap] = None)
             if own:
                 buf.close()
     except BaseException:
-        _try(lambda: set_status(fd, Status.FAILED))
+        with contextlib.suppress(OSError):  # the worker then writes this save itself
+            set_status(fd, Status.FAILED)
         raise
     set_status(fd, Status.COMMITTED)
     return info
@@ -116,10 +118,3 @@ def _copy(fd: int, span: FileSpan, buf: mmap.mmap, sink: object) -> None:
             done += got
     finally:
         view.release()
-
-
-def _try(call: object) -> None:
-    try:
-        call()  # type: ignore[operator]
-    except OSError:
-        pass
