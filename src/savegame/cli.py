@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="restart a worker silent this long (auto: max(hang_floor, 20 x its slowest step)); 0: off")
     run.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (off by default)")
     run.add_argument("--metrics-textfile", metavar="FILE.prom", help="write them for node_exporter's textfile collector")
-    run.add_argument("--shared-memory", action="store_true", default=None,
+    run.add_argument("--shared-memory", action=argparse.BooleanOptionalAction, default=None,
                      help="hand saves over to the daemon through /dev/shm: a worker killed right after a save "
-                          "still gets it committed (costs two more state-sized copies in RAM)")
+                          "still gets it committed, a restart reads it from RAM (costs two more state-sized "
+                          "copies in RAM); --no-shared-memory overrides a config file's shared_memory = true")
     run.add_argument("--nodes", type=int, metavar="N", help="the job spans N nodes, one daemon each, on a shared --dir")
     run.add_argument("--node", metavar="NAME", help="with --nodes: this node's name (default: the host name)")
     run.add_argument("--leader", action="store_true", default=None,

@@ -282,3 +282,13 @@ def test_hang_detection_is_auto_by_default_with_a_30_minute_floor():
     assert build(hang_timeout="45m")["hang_timeout"] == 2700.0
     message = config_error({"hang_timeout": "automatic"})
     assert "hang_timeout = 'automatic'" in message and '"auto"' in message and "'30s'" in message
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--shared-memory"], True), (["--no-shared-memory"], False)])
+def test_the_shared_memory_flag_overrides_the_config_file_both_ways(tmp_path, flag, expected):
+    from savegame.cli import build_parser, config_from_args
+
+    config = tmp_path / "run.toml"
+    config.write_text("shared_memory = true\n")
+    args = build_parser().parse_args(["run", "--config", str(config), *flag, "--", "python", "train.py"])
+    assert config_from_args(args)["shared_memory"] is expected
