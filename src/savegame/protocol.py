@@ -27,6 +27,7 @@ ENV_CONFIG = "SAVEGAME_CONFIG"  # JSON file of the settings the user gave the da
 ENV_PROGRESS = "SAVEGAME_PROGRESS"  # 8-byte file the worker writes its step into (an addition)
 ENV_RELIABILITY = "SAVEGAME_RELIABILITY"  # {"failures": n, "observed_s": t}: the run's record, for the MTBF
 ENV_SEGMENTS = "SAVEGAME_SEGMENTS"  # the daemon's private /dev/shm folder: hand snapshots over there
+ENV_RESTORE_SEGMENT = "SAVEGAME_RESTORE_SEGMENT"  # the checkpoint to resume from, kept there in RAM
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -30,8 +30,14 @@ def fast_backoff(tmp_path: Path) -> list[str]:
     return ["--config", str(config)]
 
 
+def owner(name: str) -> int:
+    """The process a segment belongs to (-1: a kept one, the daemon's)."""
+    match = SEGMENT_NAME.match(name)
+    return int(match.group(1)) if match else -1
+
+
 def segments(folder: str) -> dict[str, tuple[int, int, int]]:
-    """name -> (status, step, size) of every segment file in the folder."""
+    """name -> (status, step, size) of every segment file in the folder (kept ones too)."""
     found = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         try:
@@ -51,7 +57,7 @@ def kill_when_handed_over(folder: str, pid: int, timeout: float = 60) -> tuple[i
     deadline = time.monotonic() + timeout
     most = 0
     while time.monotonic() < deadline:
-        mine = {n: v for n, v in segments(folder).items() if int(SEGMENT_NAME.match(n).group(1)) == pid}
+        mine = {n: v for n, v in segments(folder).items() if owner(n) == pid}
         most = max(most, len(mine))
         for status, step, _size in mine.values():
             if status == Status.READY:
@@ -121,14 +127,15 @@ def test_no_segment_is_left_after_sigkill_of_the_worker_or_of_the_daemon(tmp_pat
     worker = [WORKER, "--steps", "100000", "--every", "3", "--sleep", "0.003"]
     daemon = Daemon(run, worker, options).start()
     first = daemon.worker_pid()
-    wait_until(lambda: any(int(SEGMENT_NAME.match(n).group(1)) == first for n in segments(folder)), 60)
+    wait_until(lambda: any(owner(n) == first for n in segments(folder)), 60)
     sizes = {n: v[2] for n, v in segments(folder).items()}
     os.kill(first, signal.SIGKILL)  # its segments cannot be removed by it
     second = daemon.worker_pid(other_than=first)
-    wait_until(lambda: any(int(SEGMENT_NAME.match(n).group(1)) == second for n in segments(folder)), 60)
-    assert not [n for n in segments(folder) if int(SEGMENT_NAME.match(n).group(1)) == first]
+    wait_until(lambda: any(owner(n) == second for n in segments(folder)), 60)
+    assert not [n for n in segments(folder) if owner(n) == first]
     time.sleep(0.5)  # several saves: the segments are reused, never grown, never more than two
     now = segments(folder)
+    assert all(owner(n) == second for n in now), now  # the kept copy went once the second worker loaded it
     assert len(now) <= 2 and all(v[2] == sizes.get(n.replace(str(second), str(first)), v[2]) for n, v in now.items())
     daemon.kill()  # SIGKILL the daemon (and the worker): nothing is left to clean up but the next start
     assert os.listdir(folder)  # what a killed daemon leaves...
@@ -203,3 +210,49 @@ def test_without_the_option_saves_are_written_by_the_worker_and_nothing_goes_to_
     assert "from shared memory" not in daemon.stderr
     assert committed_steps(run) == [4, 8]
     assert not os.path.lexists(folder_for(str(run)))
+
+
+def kept_files(folder: str) -> list[str]:
+    return [n for n in segments(folder) if owner(n) == -1]
+
+
+def test_a_restart_after_a_kill_reads_its_checkpoint_from_shared_memory_then_lets_it_go(tmp_path):
+    """Restore from RAM: the daemon keeps the dead worker's newest committed segment; the next worker
+    resumes from it, checked against the checkpoint's manifest, and its memory goes back at once."""
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003"],
+                    ["--shared-memory", *fast_backoff(tmp_path)]).start()
+    folder = folder_for(str(run))
+    first = daemon.worker_pid()
+    step, _ = kill_when_handed_over(folder, first)
+    wait_until(lambda: f"resumed {step} attempt 2\n" in daemon.stdout, 60)
+    wait_until(lambda: f"loaded step {step} from the copy kept in shared memory" in daemon.stderr, 10)
+    second = daemon.worker_pid(other_than=first)
+    wait_until(lambda: not kept_files(folder) and all(owner(n) == second for n in segments(folder)), 10)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    verify_ok(run, step)
+
+
+def test_a_damaged_copy_in_shared_memory_is_never_loaded_the_restart_reads_disk(tmp_path):
+    run = tmp_path / "run"
+    config = tmp_path / "slow.toml"
+    config.write_text("backoff_initial = 3\nbackoff_max = 3\n")  # time to damage the kept copy
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003"],
+                    ["--shared-memory", "--config", str(config)]).start()
+    folder = folder_for(str(run))
+    first = daemon.worker_pid()
+    step, _ = kill_when_handed_over(folder, first)
+    wait_until(lambda: kept_files(folder), 10)
+    (name,) = kept_files(folder)
+    with open(os.path.join(folder, name), "r+b") as f:  # one byte of the first tensor's data flipped
+        header_length = struct.unpack("<Q", os.pread(f.fileno(), 8, 4096))[0]
+        at = 4096 + 8 + header_length + 3
+        os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, at)[0] ^ 0xFF]), at)
+    wait_until(lambda: f"resumed {step} attempt 2\n" in daemon.stdout, 60)
+    assert "kept in shared memory does not match its checkpoint" in daemon.stderr, daemon.stderr[-3000:]
+    assert "from the copy kept in shared memory" not in daemon.stderr
+    assert "could not load" not in daemon.stderr  # the checkpoint itself is fine: no fallback to an older one
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    verify_ok(run, step)

@@ -9,6 +9,7 @@ is only handled (and restarted) once its last checkpoint is committed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -18,8 +19,9 @@ from typing import Any, Mapping, Optional
 from savegame import protocol
 from savegame.errors import MalformedInput
 from savegame.snapshot import folder as shm
-from savegame.snapshot.layout import SEGMENT_NAME
-from savegame.snapshot.persist import CHUNK, open_segment, persist, ready_step
+from savegame.snapshot.kept import KEPT_NAME, kept_name
+from savegame.snapshot.layout import SEGMENT_NAME, Status
+from savegame.snapshot.persist import CHUNK, control_at, open_segment, persist, ready_step
 from savegame.storage import CheckpointInfo, CheckpointStore
 
 log = logging.getLogger("savegame")
@@ -32,18 +34,32 @@ class SnapshotTaker:
         self._buffer: Optional[mmap.mmap] = None  # page-aligned, reused from commit to commit
         self.dropped = 0
         self.folder: Optional[str] = None
+        self.kept: Optional[tuple[int, str]] = None  # (step, path): a checkpoint kept in RAM for the next worker
         if enabled or os.path.lexists(shm.folder_for(run_dir, root, node)):
             self.folder = shm.prepare_folder(run_dir, root, node)
         if self.folder is not None:  # what a killed daemon left: the READY ones are committed, then all go
-            for event in self.worker_gone():
+            for event in self.worker_gone(keep=enabled):
                 log.info("committed step %s, handed over before the last daemon died", event["step"])
         if not enabled and self.folder is not None:  # salvaged; this run saves without shared memory
             shm.remove(self.folder)
             self.folder = None
 
-    def env(self) -> dict[str, str]:
-        """What tells a worker to hand its saves over (nothing when shared memory is not usable)."""
-        return {protocol.ENV_SEGMENTS: self.folder} if self.folder else {}
+    def env(self, resume_step: Optional[int]) -> dict[str, str]:
+        """What tells a worker to hand its saves over (nothing when shared memory is not usable), and
+        where the checkpoint it resumes from is kept in RAM, when it is (a kept other one is let go)."""
+        env = {protocol.ENV_SEGMENTS: self.folder} if self.folder else {}
+        if self.kept is not None and self.kept[0] == resume_step:
+            env[protocol.ENV_RESTORE_SEGMENT] = self.kept[1]
+        else:
+            self.release_kept()
+        return env
+
+    def release_kept(self) -> None:
+        """The next worker has loaded its checkpoint (or will not): the kept copy's memory goes back."""
+        if self.kept is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.kept[1])
+            self.kept = None
 
     def take(self, event: Mapping[str, Any]) -> Optional[dict[str, Any]]:
         """Commit the segment a `snapshot` event names; the `committed` event it amounts to, or None."""
@@ -71,14 +87,36 @@ class SnapshotTaker:
                  time.monotonic() - began)
         return committed_event(info, int(event["pid"]), time.monotonic() - began)
 
-    def worker_gone(self) -> list[dict[str, Any]]:
+    def worker_gone(self, keep: bool = True) -> list[dict[str, Any]]:
         """The worker died: commit what it made READY but may not have announced (killed between the
-        two), then remove its segments (a SIGKILLed worker cannot). The commits, as events."""
+        two), keep the segment that holds the newest committed checkpoint for the next worker to
+        restore from (when `keep`), remove the rest (a SIGKILLed worker cannot). The commits, as events."""
         if self.folder is None:
             return []
         committed = self.salvage()
-        shm.clear(self.folder)
+        self.kept = self._keep_newest() if keep else None
+        shm.clear(self.folder, keep=self.kept[1] if self.kept else None)
         return committed
+
+    def _keep_newest(self) -> Optional[tuple[int, str]]:
+        """(step, path) of the segment holding the newest committed checkpoint, renamed kept-<step>."""
+        assert self.folder is not None
+        try:
+            newest = max((c.step for c in self.store.list()), default=None)
+        except OSError:
+            return None
+        for name in sorted(os.listdir(self.folder)):
+            if not (SEGMENT_NAME.match(name) or KEPT_NAME.match(name)):
+                continue
+            control = control_at(os.path.join(self.folder, name))
+            if control is not None and control.status == Status.COMMITTED and control.step == newest:
+                path = os.path.join(self.folder, kept_name(newest))
+                try:
+                    os.rename(os.path.join(self.folder, name), path)
+                except OSError:
+                    return None
+                return newest, path
+        return None
 
     def salvage(self) -> list[dict[str, Any]]:
         """Commit every READY segment in the folder, oldest step first (a step already committed is
@@ -107,7 +145,7 @@ class SnapshotTaker:
     def close(self) -> None:
         """The run ends: a READY segment of a worker killed on the way out is committed first."""
         if self.folder is not None:
-            for event in self.worker_gone():
+            for event in self.worker_gone(keep=False):
                 log.info("committed step %s, handed over by a worker killed at the end of the run", event["step"])
             shm.remove(self.folder)
         if self._buffer is not None:

@@ -25,7 +25,8 @@ log = logging.getLogger("savegame")
 # systemd's variables are the daemon's own: a worker that spoke sd_notify would confuse systemd.
 # The daemon's own, never passed through: systemd's, and the shared-memory folder (only the daemon
 # that made it may offer it: a worker handing saves to a folder nobody reads would wait forever).
-PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", protocol.ENV_SEGMENTS)
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", protocol.ENV_SEGMENTS,
+               protocol.ENV_RESTORE_SEGMENT)
 ENV_DAEMON_PID = "SAVEGAME_DAEMON_PID"  # so a worker can tell whether its parent is the daemon
 
 

@@ -284,10 +284,14 @@ class Supervisor:
         self.ranks.note(event)
         if kind in HEARTBEAT_EVENTS:
             self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
-        if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
-            self.startup.adopt_worker_policy(event["policy"])
+        if kind in ("started", "resumed"):
+            self.snapshots.release_kept()  # loaded (or not wanted): its memory goes back
+            if isinstance(event.get("policy"), dict):
+                self.startup.adopt_worker_policy(event["policy"])
         if kind == "resumed" and number(event, "resumed_from") is not None:
             self.loaded_step = int(number(event, "resumed_from"))  # type: ignore[arg-type]
+            if event.get("read_from") == "memory":
+                log.info("the worker loaded step %d from the copy kept in shared memory", self.loaded_step)
         if kind == "committed":
             self._note_commit(event)
         elif kind == "saving":
@@ -462,7 +466,7 @@ class Supervisor:
         env = worker_env(os.environ, self.run_dir, self.resume_point.info.path if self.resume_point else None,
                          self.run_id, self.attempt, self.inbox.address, self.startup.settings_path, progress_path)
         env.update(self.startup.launcher_env)
-        env.update(self.snapshots.env())
+        env.update(self.snapshots.env(self.resume_point.info.step if self.resume_point else None))
         if self._stop_pending():
             return  # a stop arrived while preparing: the StopRequested event ends the run
         env = self.decisions.worker_env(env)

@@ -46,13 +46,16 @@ def prepare_folder(run_dir: str, root: str = SHM_ROOT, node: str = "") -> Option
     return path
 
 
-def clear(path: str, pid: Optional[int] = None) -> int:
-    """Remove the segments in `path` (those of process `pid` only, when given); how many went."""
+def clear(path: str, pid: Optional[int] = None, keep: Optional[str] = None) -> int:
+    """Remove the segments in `path` (those of process `pid` only, when given), all but the file
+    `keep`; how many went."""
     removed = 0
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(path):
             match = SEGMENT_NAME.match(name)
             if pid is not None and (match is None or int(match.group(1)) != pid):
+                continue
+            if keep is not None and os.path.join(path, name) == keep:
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(path, name))

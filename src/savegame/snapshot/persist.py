@@ -51,19 +51,24 @@ def read_snapshot(fd: int) -> tuple[Control, SnapshotMeta]:
     return control, parse_meta(raw, control)
 
 
-def ready_step(path: str) -> Optional[int]:
-    """The step of the segment file at `path` when it is READY and well formed, else None."""
+def control_at(path: str) -> Optional[Control]:
+    """The checked control page of the segment file at `path`, or None when it is not a well-formed one."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        control = parse_control(os.pread(fd, PAGE, 0), os.fstat(fd).st_size)
+        return parse_control(os.pread(fd, PAGE, 0), os.fstat(fd).st_size)
     except (OSError, MalformedInput):
         return None
     finally:
         os.close(fd)
-    return control.step if control.status == Status.READY else None
+
+
+def ready_step(path: str) -> Optional[int]:
+    """The step of the segment file at `path` when it is READY and well formed, else None."""
+    control = control_at(path)
+    return control.step if control is not None and control.status == Status.READY else None
 
 
 def set_status(fd: int, status: Status) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import Any, BinaryIO, Callable, Optional, Protocol, Union
 
 from savegame.errors import CorruptCheckpoint, UnsupportedFormat
+from savegame.snapshot.kept import KeptSnapshot
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.storage.checksum import Hasher, checksum_stream
 from savegame.worker.safetensors_io import Allocate, TensorBlob, TensorInfo, read_safetensors
@@ -65,9 +66,11 @@ class Adapter(Protocol):
 class CheckpointReader:
     """Verified access to one checkpoint's payload: every byte handed out matches the manifest."""
 
-    def __init__(self, store: CheckpointStore, info: CheckpointInfo) -> None:
+    def __init__(self, store: CheckpointStore, info: CheckpointInfo, memory: Optional[KeptSnapshot] = None) -> None:
         self.store = store
         self.info = info
+        self._memory = memory  # the same files kept in shared memory: read from there when it holds them
+        self.from_memory = False  # True once a file was read from shared memory
         self._entries = {f.path: f for f in info.manifest.files}
         for path in self._entries:
             if path.endswith(UNSAFE_SUFFIXES):
@@ -84,7 +87,7 @@ class CheckpointReader:
 
     def read_bytes(self, relpath: str) -> bytes:
         entry = self._entry(relpath)
-        with self.store.open_file(self.info, relpath) as stream:
+        with self._open(relpath, entry.bytes) as stream:
             data = stream.read()
         hasher = Hasher()
         hasher.update(data)
@@ -110,9 +113,17 @@ class CheckpointReader:
 
         `check(infos)` sees every tensor's name, dtype and shape before any byte is read."""
         entry = self._entry(TENSORS_FILE)
-        with self.store.open_file(self.info, TENSORS_FILE) as stream:
+        with self._open(TENSORS_FILE, entry.bytes) as stream:
             return read_safetensors(stream, allocate, f"{self.info.path}/{TENSORS_FILE}",
                                     expected=(entry.bytes, entry.checksum), check=check)
+
+    def _open(self, relpath: str, length: int) -> BinaryIO:
+        """The file from shared memory when kept there (checked like any other read), else from the store."""
+        stream = self._memory.open_file(relpath, length) if self._memory is not None else None
+        if stream is None:
+            return self.store.open_file(self.info, relpath)
+        self.from_memory = True
+        return stream  # type: ignore[return-value]
 
     def verified_local_path(self, relpath: str) -> str:
         """A local path to a payload file after checking its checksum (local stores only)."""

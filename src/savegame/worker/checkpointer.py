@@ -27,6 +27,7 @@ from savegame import protocol
 from savegame.config import explicit_for_worker
 from savegame.errors import ConfigError, CorruptCheckpoint, StorageError
 from savegame.see.history import record_commit
+from savegame.snapshot.kept import KeptSnapshot
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.strategies import History, Moment, is_better, next_history
 from savegame.worker.adapter import STATE_FORMAT, Adapter, CheckpointReader
@@ -151,23 +152,29 @@ class Checkpointer:
         agree_resume = getattr(self._adapter, "agree_resume", None)
         if agree_resume is not None:  # the ranks of a job: all from the same step, or all fresh
             agree_resume(sources[0][1].step if sources else None)
-        for store, info in sources:
-            try:
-                self._load(store, info)
-            except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
-                exit_config(exc)
-            except (CorruptCheckpoint, ValueError) as exc:  # ValueError: malformed contents
-                if self.supervised:
-                    log.error("cannot resume from %s: %s", info.path, exc)
-                    self._link.send("bad-checkpoint", step=info.step, problem=str(exc))
-                    raise SystemExit(protocol.EXIT_BAD_CHECKPOINT) from None
-                log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
-                continue
-            log.info("resumed from step %d (epoch %d, %s) at %s", info.step, info.epoch, info.reason, info.path)
-            self.narrator.resumed(info.step, self.progress.epoch, self.progress.batch_in_epoch,
-                                  self._monitor_name, self.best)
-            self._report("resumed", policy=explicit_for_worker(self.config))
-            return info
+        memory = self._kept_snapshot()
+        try:
+            for store, info in sources:
+                try:
+                    where = self._load_from(store, info, memory)
+                except ConfigError as exc:  # the checkpoint is fine, the script does not fit it
+                    exit_config(exc)
+                except (CorruptCheckpoint, ValueError) as exc:  # ValueError: malformed contents
+                    if self.supervised:
+                        log.error("cannot resume from %s: %s", info.path, exc)
+                        self._link.send("bad-checkpoint", step=info.step, problem=str(exc))
+                        raise SystemExit(protocol.EXIT_BAD_CHECKPOINT) from None
+                    log.error("cannot resume from %s (%s); trying the one before it", info.path, exc)
+                    continue
+                log.info("resumed from step %d (epoch %d, %s) at %s%s", info.step, info.epoch, info.reason, info.path,
+                         " (read from shared memory)" if where == "memory" else "")
+                self.narrator.resumed(info.step, self.progress.epoch, self.progress.batch_in_epoch,
+                                      self._monitor_name, self.best)
+                self._report("resumed", policy=explicit_for_worker(self.config), read_from=where)
+                return info
+        finally:
+            if memory is not None:
+                memory.close()
         if getattr(self._adapter, "live_state_damaged", False):
             raise CorruptCheckpoint(f"no checkpoint in {self.dir} could be loaded, and a damaged one was already "
                                     "partly read into the model, so it cannot start from scratch either; move the "
@@ -175,8 +182,27 @@ class Checkpointer:
         self._report("started", policy=explicit_for_worker(self.config))
         return None
 
-    def _load(self, store: CheckpointStore, info: CheckpointInfo) -> None:
-        reader = CheckpointReader(store, info)
+    def _kept_snapshot(self) -> Optional[KeptSnapshot]:
+        """The checkpoint the daemon kept in shared memory for this restart, if it offered one."""
+        path = os.environ.get(protocol.ENV_RESTORE_SEGMENT, "") if self.supervised else ""
+        return KeptSnapshot.open(path) if path else None
+
+    def _load_from(self, store: CheckpointStore, info: CheckpointInfo, memory: Optional[KeptSnapshot]) -> str:
+        """Load `info`, from its copy in shared memory when that is kept; where it was read ("memory", "disk")."""
+        if memory is not None and memory.step == info.step:
+            try:
+                if self._load(store, info, memory):
+                    return "memory"
+                return "disk"
+            except (CorruptCheckpoint, ValueError, OSError) as exc:  # the copy, not the checkpoint, is bad
+                log.warning("the copy of step %d kept in shared memory does not match its checkpoint (%s): "
+                            "reading it from disk", info.step, exc)
+        self._load(store, info)
+        return "disk"
+
+    def _load(self, store: CheckpointStore, info: CheckpointInfo, memory: Optional[KeptSnapshot] = None) -> bool:
+        """Load `info` into the tracked objects; True when its files came from shared memory."""
+        reader = CheckpointReader(store, info, memory)
         if self._adapter is not None:
             self._adapter.restore(reader)
         core = reader.state  # after the adapter's restore: a rank of a job reads its own part
@@ -194,6 +220,7 @@ class Checkpointer:
         self.resumed_from = info.step
         self._commits.step = info.step
         self._resume_mid_epoch = self.progress.batch_in_epoch > 0
+        return reader.from_memory
 
     # -- the training loop ----------------------------------------------------------------------
 
