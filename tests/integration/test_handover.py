@@ -256,3 +256,19 @@ def test_a_damaged_copy_in_shared_memory_is_never_loaded_the_restart_reads_disk(
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0, daemon.stderr[-3000:]
     verify_ok(run, step)
+
+
+def test_after_a_killed_daemon_the_next_one_resumes_from_the_copy_in_shared_memory(tmp_path):
+    """The same host, daemon and worker SIGKILLed (an OOM kill of the service, say): /dev/shm outlives
+    them, and the next daemon's worker loads the newest checkpoint from RAM."""
+    run = tmp_path / "run"
+    options = ["--shared-memory", *fast_backoff(tmp_path)]
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.5"], options).start()
+    wait_until(lambda: "committed step 2 (periodic) from shared memory" in daemon.stderr, 60)
+    daemon.kill()  # a second before the next save: the segment holding step 2 is COMMITTED, the other FREE
+    assert committed_steps(run) == [2]
+    again = Daemon(run, [WORKER, "--steps", "3", "--every", "1000", "--sleep", "0"], options).start()
+    assert again.wait(120) == 0, again.stderr[-3000:]
+    assert "resumed 2 attempt 1" in again.stdout
+    assert "loaded step 2 from the copy kept in shared memory" in again.stderr, again.stderr[-3000:]
+    assert not os.path.exists(folder_for(str(run)))
