@@ -8,6 +8,13 @@ faults while the daemon runs:
     proxy.stall = True                               # hold every request until unset
     proxy.fail("GET", r"manifest\\.json$", 503, times=1)
     proxy.refuse()  ... proxy.accept()               # connection refused, then back
+    proxy.refuse(); proxy.accept(after=20)           # ... back by itself in 20 s, unless closed first
+
+close() leaves nothing behind: what the proxy scheduled (a delayed accept) is cancelled, every task
+on its loop is cancelled and awaited, its thread has ended and its loop is closed. A control call
+after close() raises at once instead of queueing a coroutine on a loop that will never run it (a
+test's own threading.Timer calling accept() after its proxy closed used to block 30 s, then fail in
+the middle of a later test, with "coroutine 'FaultProxy._open_site' was never awaited").
 """
 from __future__ import annotations
 
@@ -49,7 +56,12 @@ class FaultProxy:
         self._runner: Optional[web.AppRunner] = None
         self._session: Optional[ClientSession] = None
         self._open_transports: weakref.WeakSet = weakref.WeakSet()
-        self._closing = False
+        self._closing = False  # close() began: stalled requests give up
+        self._closed = False  # no control call is taken any more (under _lock)
+        self._lock = threading.Lock()
+        self._timers: list[asyncio.TimerHandle] = []  # accept(after=...), cancelled by close()
+        self._tasks: set[asyncio.Task] = set()  # what the timers started, cancelled by close()
+        self.errors: list[BaseException] = []  # what a scheduled action raised; close() raises it
         self._free_at = {"up": 0.0, "down": 0.0}  # a shared link per direction: when it is free again
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -64,11 +76,25 @@ class FaultProxy:
         return self
 
     def close(self) -> None:
+        """Stop the proxy and everything it started; it cannot be used again."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self.stall = False
         self._closing = True
-        self._call(self._stop())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        try:
+            if self._thread.is_alive():
+                asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=30)
+        finally:
+            if self._thread.is_alive():
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                raise RuntimeError("the fault proxy's thread did not stop")
+            self._loop.close()
+        if self.errors:
+            raise RuntimeError(f"a scheduled action of the fault proxy failed: {self.errors[0]!r}") from self.errors[0]
 
     def fail(self, method: str, path_regex: str, action: int | str, times: Optional[int] = None) -> None:
         """Answer matching requests with `action` (a status, "reset" or "stall"), `times` times."""
@@ -83,15 +109,24 @@ class FaultProxy:
         """Stop listening: new connections are refused (open ones are cut)."""
         self._call(self._close_site())
 
-    def accept(self) -> None:
-        self._call(self._open_site())
+    def accept(self, after: Optional[float] = None) -> None:
+        """Listen again: now, or `after` seconds from now on the proxy's own loop (cancelled by close())."""
+        if after is None:
+            self._call(self._open_site())
+        else:
+            self._call(self._schedule(after, self._open_site))
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_ENDPOINT_URL": self.endpoint}
 
     def _call(self, coroutine) -> None:
-        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
+        with self._lock:
+            if self._closed or not self._thread.is_alive():
+                coroutine.close()  # never run, and not left to warn "was never awaited" at its collection
+                raise RuntimeError("the fault proxy is closed" if self._closed else "the fault proxy is not started")
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        future.result(timeout=30)  # a call queued before close() runs before close()'s _stop
 
     # -- the proxy, on its own loop ----------------------------------------------------------------
 
@@ -103,8 +138,23 @@ class FaultProxy:
         await self._runner.setup()
         await self._open_site()
 
+    async def _schedule(self, delay: float, action) -> None:
+        def fire() -> None:
+            task = self._loop.create_task(action())
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+        self._timers.append(self._loop.call_later(delay, fire))  # cancelling one that fired is harmless
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.errors.append(task.exception())
+
     async def _open_site(self) -> None:
         assert self._runner is not None
+        if self._site is not None:
+            return  # already listening
         self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await self._site.start()
 
@@ -116,11 +166,21 @@ class FaultProxy:
             self._site = None
 
     async def _stop(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         await self._close_site()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        current = asyncio.current_task()
+        left = [task for task in asyncio.all_tasks() if task is not current]  # scheduled actions, handlers
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        await self._loop.shutdown_asyncgens()  # the _throttled generators of cut requests
+        await self._loop.shutdown_default_executor()
 
     def _rule_for(self, method: str, path: str) -> Optional[Rule]:
         for rule in self.rules:

@@ -6,7 +6,6 @@ checkpoints (they are older than the new run's)."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -24,7 +23,7 @@ def test_resume_none_with_an_unreadable_bucket_does_not_start_over_an_earlier_ru
     before = [c["step"] for c in json.loads(savegame("ls", url, "--json", env=s3_server.env).stdout)]
     assert before, "the earlier run is in the bucket"
     fault_proxy.refuse()
-    threading.Timer(20, fault_proxy.accept).start()  # the network comes up a little later
+    fault_proxy.accept(after=20)  # the network comes up a little later (not after the test: close() cancels it)
     new = Daemon(tmp_path / "vm2", counter("--steps", 200, "--every", 10, "--sleep", 0.05, "--size-mb", 0.01),
                  ["--mirror", url, "--resume", "none", "--keep-last", "2"], env=fault_proxy.env()).start()
     try:
