@@ -49,13 +49,26 @@ def kill_randomly(daemon: Daemon, rng: random.Random, kills: int) -> list[int]:
 
 @pytest.mark.parametrize("seed", range(30))
 def test_random_sigkills_never_lose_or_repeat_a_step(tmp_path, seed):
+    check_random_sigkills(tmp_path, seed, [])
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+@pytest.mark.parametrize("seed", range(100, 110))
+def test_random_sigkills_with_the_shared_memory_hand_over_and_restores_from_ram(tmp_path, seed):
+    """The same with saves handed over to the daemon and restarts reading the kept copy: kills land
+    in the copy into a segment, between the hand-over and the commit, and in a load from RAM."""
+    daemon = check_random_sigkills(tmp_path, seed, ["--shared-memory"])
+    assert "from shared memory" in daemon.stderr  # the hand-over was in use
+
+
+def check_random_sigkills(tmp_path, seed: int, options: list[str]) -> Daemon:
     rng = random.Random(seed)
     run = tmp_path / "run"
     # 8 MB of state saved every 4 steps: kills land inside writes and commits as often as between them.
     worker = counter("--steps", STEPS, "--sleep", 0.003, "--size-mb", 8, "--every", 4)
     config = tmp_path / "savegame.toml"
     config.write_text("backoff_initial = 0.05\nbackoff_max = 0.2\n")  # keep the test fast
-    daemon = Daemon(run, worker, ["--config", str(config), "--max-restarts", "20", "--keep-last", "3"]).start()
+    daemon = Daemon(run, worker, ["--config", str(config), "--max-restarts", "20", "--keep-last", "3", *options]).start()
     killed: list[int] = []
     killer = threading.Thread(target=lambda: killed.extend(kill_randomly(daemon, rng, rng.randint(2, 4))))
     killer.start()
@@ -76,3 +89,4 @@ def test_random_sigkills_never_lose_or_repeat_a_step(tmp_path, seed):
     verify = savegame("verify", str(run))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not any((run / ".staging").iterdir()), "stale staging was not collected"
+    return daemon
