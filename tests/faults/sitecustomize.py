@@ -5,7 +5,9 @@ names is injected:
 - `event` (the default): the daemon's handling of a worker event raises, standing in for any bug in
   the daemon's loop;
 - `open-segment`: the daemon cannot open a snapshot segment (out of file descriptors), so it never
-  answers the worker.
+  answers the worker;
+- `render`: the worker's next rendering of a save into a segment fails part-way (once: the file is
+  removed).
 
 SAVEGAME_TEST_ANSWER_TIMEOUT, when set, replaces the worker's ANSWER_TIMEOUT_S (seconds).
 """
@@ -47,10 +49,38 @@ def _break_segment_opening() -> None:
     handover.open_segment = failing_open_segment
 
 
+class _BreaksAfterHeader:
+    """A sink that takes the safetensors header, then fails (a fault in the middle of a render)."""
+
+    def __init__(self, sink):
+        self._sink = sink
+        self._writes = 0
+
+    def write(self, data):
+        if self._writes:
+            raise OSError(errno.EIO, "injected fault while rendering into the segment")
+        self._writes += 1
+        return self._sink.write(data)
+
+
+def _break_one_render() -> None:
+    from savegame.worker import handover
+
+    write_safetensors = handover.write_safetensors
+
+    def failing_write_safetensors(sink, *args, **kwargs):
+        if _armed():
+            os.remove(TRIGGER)  # once
+            sink = _BreaksAfterHeader(sink)
+        return write_safetensors(sink, *args, **kwargs)
+
+    handover.write_safetensors = failing_write_safetensors
+
+
 if os.environ.get("SAVEGAME_TEST_ANSWER_TIMEOUT"):
     from savegame.worker import handover as _handover
 
     _handover.ANSWER_TIMEOUT_S = float(os.environ["SAVEGAME_TEST_ANSWER_TIMEOUT"])
 
 if TRIGGER:
-    {"event": _break_event_handling, "open-segment": _break_segment_opening}[KIND]()
+    {"event": _break_event_handling, "open-segment": _break_segment_opening, "render": _break_one_render}[KIND]()

@@ -253,3 +253,24 @@ def test_a_segment_whose_lock_is_held_is_never_taken_by_the_worker(tmp_path):
     for step in (4, 8):
         verify_ok(run, step)
 
+
+def test_a_save_that_fails_to_render_into_its_segment_is_written_in_process(tmp_path):
+    """The first render into a segment fails part-way (an I/O error): that save is not lost, the
+    worker writes it itself, the same bytes as a worker on its own writes; later saves are handed over."""
+    alone, supervised, trigger = tmp_path / "alone", tmp_path / "supervised", tmp_path / "fault"
+    args = [WORKER, "--steps", "12", "--every", "4", "--sleep", "0"]
+    subprocess.run([sys.executable, *args, "--dir", str(alone)], check=True, env=clean_env(), timeout=120,
+                   capture_output=True)
+    trigger.touch()
+    daemon = Daemon(supervised, args, ["--shared-memory"], env=with_fault("render", trigger)).start()
+    assert daemon.wait(120) == 0, daemon.stderr[-3000:]
+    assert not trigger.exists()  # the fault fired (on the save of step 4)
+    assert committed_steps(alone) == committed_steps(supervised) == [4, 8, 12], daemon.stderr[-3000:]
+    assert "could not render step 4 into shared memory" in daemon.stderr
+    assert "committed step 4 (periodic) from shared memory" not in daemon.stderr
+    assert "committed step 8 (periodic) from shared memory" in daemon.stderr
+    for step in (4, 8, 12):
+        name = f"ckpt-{step:012d}"
+        for f in json.loads((alone / name / "manifest.json").read_text())["files"]:
+            assert (alone / name / f["path"]).read_bytes() == (supervised / name / f["path"]).read_bytes()
+        verify_ok(supervised, step)

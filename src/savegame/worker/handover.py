@@ -136,18 +136,26 @@ class HandoverWriter:
                 segment.job, segment.handed_at, segment.seq = job, submitted, self._seq
                 publish(segment, meta, meta_offset, self._seq)
                 self._progress = time.monotonic()
+        except Exception as exc:  # the capture is still whole: written in-process, which then cleans it up
+            self._release(segment)
+            log.warning("could not render step %d into shared memory (%s): writing it here", job.step, exc)
+            return False
         except BaseException:
-            segment.job = None
-            segment.set_status(Status.FREE)
+            self._release(segment)
+            _clean_up(job)
             raise
-        finally:
-            if job.capture.cleanup is not None:
-                job.capture.cleanup()
+        _clean_up(job)
         if not self._announce(segment, job.step):
             with self._lock:
                 if segment.job is job:  # (unless the reaping found the daemon gone and wrote it already)
                     self._write_here(segment)  # nobody will take it: commit it from the segment ourselves
         return True
+
+    def _release(self, segment: Segment) -> None:
+        """A segment whose render failed is free again (under the lock: the reaping must not see it half done)."""
+        with self._lock:
+            segment.job = None
+            segment.set_status(Status.FREE)
 
     def _free_segment(self, required: int) -> Optional[Segment]:
         """A segment holding nothing the daemon still has to commit, at least `required` bytes; waits
@@ -261,3 +269,9 @@ class HandoverWriter:
             return False
         self._alive_checked = now
         return self._link.gone or not daemon_alive()
+
+
+def _clean_up(job: SaveJob) -> None:
+    """The capture's own clean-up, once its bytes are in a segment (write_checkpoint runs it otherwise)."""
+    if job.capture.cleanup is not None:
+        job.capture.cleanup()
