@@ -1,5 +1,6 @@
 """Snapshot segments a hostile or half-dead worker could leave: every one is refused with
-MalformedInput (set FAILED where it can be), nothing is committed, and the daemon lives on."""
+MalformedInput (set FAILED where it can be), nothing is committed, and the daemon lives on; and a
+segment whose lock another process holds is never committed by the daemon."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from helpers import Daemon, committed_steps
 from savegame.errors import MalformedInput
 from savegame.snapshot.layout import PAGE, STATUS_AT, FileSpan, SnapshotMeta, Status
-from savegame.snapshot.persist import open_segment, persist
+from savegame.snapshot.persist import SegmentBusy, claim, open_segment, persist
 from savegame.storage import CheckpointStore
 from savegame.worker.segments import create_segment, publish
 
@@ -40,6 +41,28 @@ def test_a_well_formed_segment_commits_and_verifies(tmp_path):
     info = persist(fd, store)
     os.close(fd)
     assert info.step == 7 and store.verify(info) == [] and status_of(segment) == Status.COMMITTED
+
+
+@pytest.mark.unit
+def test_a_segment_locked_by_another_is_left_alone_and_one_answered_is_not_committed_again(tmp_path):
+    """A worker that got no answer in time commits its segment itself, under the segment's lock: the
+    daemon's persist then refuses it and leaves its status alone; once answered, nobody commits it again."""
+    store = CheckpointStore(str(tmp_path / "run"))
+    segment = good_segment(tmp_path)
+    fd = open_segment(str(tmp_path), segment.name, os.getpid())  # the daemon's own descriptor
+    try:
+        with claim(segment.fd):  # the worker's
+            with pytest.raises(SegmentBusy):
+                persist(fd, store)
+            assert status_of(segment) == Status.READY and store.list() == []
+        info = persist(fd, store)
+        assert status_of(segment) == Status.COMMITTED and store.verify(info) == []
+        with pytest.raises(MalformedInput):
+            persist(fd, store)
+        assert status_of(segment) == Status.COMMITTED and [c.step for c in store.list()] == [7]
+    finally:
+        os.close(fd)
+        segment.close()
 
 
 def corruptions():

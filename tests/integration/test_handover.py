@@ -3,6 +3,7 @@ saves to the daemon in /dev/shm; the daemon commits them, even when the worker i
 after the hand-over, and no segment outlives the run (or a SIGKILLed worker, or daemon)."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -272,3 +273,73 @@ def test_after_a_killed_daemon_the_next_one_resumes_from_the_copy_in_shared_memo
     assert "resumed 2 attempt 1" in again.stdout
     assert "loaded step 2 from the copy kept in shared memory" in again.stderr, again.stderr[-3000:]
     assert not os.path.exists(folder_for(str(run)))
+
+
+def with_fault(kind: str, trigger: Path, **extra: str) -> dict:
+    """The environment that puts tests/faults/sitecustomize.py in the daemon and its worker."""
+    path = os.pathsep.join(p for p in (str(TESTS / "faults"), os.environ.get("PYTHONPATH", "")) if p)
+    return {"SAVEGAME_TEST_FAULT": str(trigger), "SAVEGAME_TEST_FAULT_KIND": kind, "PYTHONPATH": path, **extra}
+
+
+def test_a_daemon_that_never_answers_does_not_hang_the_worker_which_commits_its_saves_itself(tmp_path):
+    """The daemon cannot open the segments (out of file descriptors): they stay READY, unanswered.
+    After ANSWER_TIMEOUT_S without a word the worker commits each one itself, and the run ends."""
+    run, trigger = tmp_path / "run", tmp_path / "fault"
+    trigger.touch()
+    daemon = Daemon(run, [WORKER, "--steps", "12", "--every", "4", "--sleep", "0"], ["--shared-memory"],
+                    env=with_fault("open-segment", trigger, SAVEGAME_TEST_ANSWER_TIMEOUT="0.5")).start()
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    assert daemon.stderr.count("dropped a snapshot hand-over") >= 3
+    assert "from shared memory" not in daemon.stderr  # not one committed by the daemon...
+    assert "no answer from the daemon" in daemon.stderr  # ...each by the worker, once it gave up waiting
+    assert committed_steps(run) == [4, 8, 12]
+    for step in (4, 8, 12):
+        verify_ok(run, step)
+    assert not os.path.exists(folder_for(str(run)))
+
+
+def test_a_segment_whose_lock_is_held_is_never_taken_by_the_worker(tmp_path):
+    """This test holds the lock of a READY segment, as the daemon does while it commits one: however
+    long it takes, the worker waits (no double commit); once the lock is free it commits it itself."""
+    run, trigger = tmp_path / "run", tmp_path / "fault"
+    trigger.touch()  # the daemon never takes a segment: only this test and the worker do
+    daemon = Daemon(run, [WORKER, "--steps", "8", "--every", "4", "--sleep", "0"], ["--shared-memory"],
+                    env=with_fault("open-segment", trigger, SAVEGAME_TEST_ANSWER_TIMEOUT="1.5")).start()
+    folder = folder_for(str(run))
+    ready = wait_until(lambda: {v[1]: n for n, v in segments(folder).items() if v[0] == Status.READY}, 60)
+    name = ready[min(ready)]  # the oldest hand-over: the one the worker tries first
+    fd = os.open(os.path.join(folder, name), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # within the 1.5 s the worker waits before trying it
+        time.sleep(5.0)  # three of the worker's time limits: without the lock it would have taken it by now
+        assert committed_steps(run) == []
+        assert segments(folder)[name][0] == Status.READY
+        assert daemon.proc.poll() is None
+    finally:
+        os.close(fd)  # the lock goes with it
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    assert committed_steps(run) == [4, 8]
+    for step in (4, 8):
+        verify_ok(run, step)
+
+
+def test_a_save_that_fails_to_render_into_its_segment_is_written_in_process(tmp_path):
+    """The first render into a segment fails part-way (an I/O error): that save is not lost, the
+    worker writes it itself, the same bytes as a worker on its own writes; later saves are handed over."""
+    alone, supervised, trigger = tmp_path / "alone", tmp_path / "supervised", tmp_path / "fault"
+    args = [WORKER, "--steps", "12", "--every", "4", "--sleep", "0"]
+    subprocess.run([sys.executable, *args, "--dir", str(alone)], check=True, env=clean_env(), timeout=120,
+                   capture_output=True)
+    trigger.touch()
+    daemon = Daemon(supervised, args, ["--shared-memory"], env=with_fault("render", trigger)).start()
+    assert daemon.wait(120) == 0, daemon.stderr[-3000:]
+    assert not trigger.exists()  # the fault fired (on the save of step 4)
+    assert committed_steps(alone) == committed_steps(supervised) == [4, 8, 12], daemon.stderr[-3000:]
+    assert "could not render step 4 into shared memory" in daemon.stderr
+    assert "committed step 4 (periodic) from shared memory" not in daemon.stderr
+    assert "committed step 8 (periodic) from shared memory" in daemon.stderr
+    for step in (4, 8, 12):
+        name = f"ckpt-{step:012d}"
+        for f in json.loads((alone / name / "manifest.json").read_text())["files"]:
+            assert (alone / name / f["path"]).read_bytes() == (supervised / name / f["path"]).read_bytes()
+        verify_ok(supervised, step)

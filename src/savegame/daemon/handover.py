@@ -3,7 +3,8 @@
 A `snapshot` event names a segment in the run's private /dev/shm folder. The daemon opens it (a
 plain file of this user, named for the sending process), checks it and writes it through the store
 like any checkpoint, then answers in the segment's status word. A bad segment is logged and
-dropped (FAILED: the worker writes it itself); it never takes the daemon down. No framework is
+dropped (FAILED: the worker writes it itself); it never takes the daemon down. A segment whose lock
+its worker holds (it got no answer in time and commits it itself) is left to it. No framework is
 imported here. The commit runs on the daemon's loop, so a worker that dies right after the hand-over
 is only handled (and restarted) once its last checkpoint is committed.
 """
@@ -21,7 +22,7 @@ from savegame.errors import MalformedInput
 from savegame.snapshot import folder as shm
 from savegame.snapshot.kept import KEPT_NAME, kept_name
 from savegame.snapshot.layout import SEGMENT_NAME, Status
-from savegame.snapshot.persist import CHUNK, control_at, open_segment, persist, ready_step
+from savegame.snapshot.persist import CHUNK, SegmentBusy, control_at, open_segment, persist, ready_step
 from savegame.storage import CheckpointInfo, CheckpointStore
 
 log = logging.getLogger("savegame")
@@ -75,6 +76,9 @@ class SnapshotTaker:
             if self._buffer is None:
                 self._buffer = mmap.mmap(-1, CHUNK)
             info = persist(fd, self.store, self._buffer)
+        except SegmentBusy:  # not ours to commit, nor to answer
+            log.info("step %s is being committed by its worker: left to it", event.get("step"))
+            return None
         except MalformedInput as exc:
             self._drop(exc)
             return None

@@ -5,7 +5,8 @@
     meta             JSON: step, epoch, reason, metrics, framework, run_id, resumed_from and every
                      file's path, offset and length
 
-Status moves FREE -> FILLING -> READY (the worker handed it over) -> COMMITTED | FAILED (the daemon).
+Status moves FREE -> FILLING -> READY (the worker handed it over) -> COMMITTED | FAILED (the daemon,
+or the worker when the daemon never answers; whoever commits holds the file's flock, see persist.py).
 The daemon reads the segment with pread, never through a mapping: a hostile or dying worker that
 truncates the file gives the daemon a short read (an error), never a SIGBUS. Everything read from a
 segment is checked (bounds, lengths, JSON) before it is trusted. No pickles: JSON and raw bytes.

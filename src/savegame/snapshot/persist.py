@@ -3,15 +3,19 @@
 The same store, staging, checksums and O_DIRECT writes as the worker's own writer, so the
 checkpoint is byte for byte the one the worker would have written (only `created` differs). The
 segment is read with pread into one page-aligned buffer, never mapped (see layout's docstring).
+Whoever commits a segment (the daemon, or the worker that got no answer) holds its lock (an
+exclusive flock on the file) from before reading its status until the answer is written, so the two
+never both commit it.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import stat
 import struct
-from typing import Optional
+from typing import Iterator, Optional
 
 from savegame.errors import MalformedInput
 from savegame.snapshot.layout import (PAGE, SEGMENT_NAME, STATUS_AT, Control, FileSpan, SnapshotMeta, Status,
@@ -20,6 +24,10 @@ from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.worker.writer import DIRECT_MIN, DirectWrites
 
 CHUNK = 8 << 20
+
+
+class SegmentBusy(MalformedInput):
+    """Another process holds the segment's lock: it is committing it, not us."""
 
 
 def open_segment(folder: str, name: str, pid: int) -> int:
@@ -76,9 +84,33 @@ def set_status(fd: int, status: Status) -> None:
     os.pwrite(fd, struct.pack("<I", status), STATUS_AT)
 
 
+@contextlib.contextmanager
+def claim(fd: int, block: bool = False) -> Iterator[None]:
+    """Hold the segment's lock (flock: per open file, so the daemon's and the worker's descriptors
+    exclude each other; a dead holder's lock goes with it). SegmentBusy when taken and not `block`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise SegmentBusy("the segment is being committed by another process") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def persist(fd: int, store: CheckpointStore, buffer: Optional[mmap.mmap] = None) -> CheckpointInfo:
-    """Stage every file of the segment, commit (manifest last), mark the segment COMMITTED.
+    """Under the segment's lock (SegmentBusy: another process commits it, its status is left alone),
+    commit_claimed()."""
+    with claim(fd):
+        return commit_claimed(fd, store, buffer)
+
+
+def commit_claimed(fd: int, store: CheckpointStore, buffer: Optional[mmap.mmap] = None) -> CheckpointInfo:
+    """Stage every file of the segment, commit (manifest last), mark the segment COMMITTED; the
+    caller holds its lock. A segment no longer READY (already answered) is refused and left as it is.
     MalformedInput for a bad segment, StorageError/OSError for the disk; the segment is then FAILED."""
+    if _status_word(fd) != Status.READY:  # re-checked under the lock: committed meanwhile, or never handed over
+        raise MalformedInput("the segment is not ready (already answered, or never handed over)")
     try:
         _control, meta = read_snapshot(fd)
         own = buffer is None
@@ -94,6 +126,11 @@ def persist(fd: int, store: CheckpointStore, buffer: Optional[mmap.mmap] = None)
         raise
     set_status(fd, Status.COMMITTED)
     return info
+
+
+def _status_word(fd: int) -> Optional[int]:
+    raw = os.pread(fd, 4, STATUS_AT)
+    return struct.unpack("<I", raw)[0] if len(raw) == 4 else None
 
 
 def _commit(fd: int, store: CheckpointStore, meta: SnapshotMeta, buf: mmap.mmap) -> CheckpointInfo:

@@ -8,7 +8,8 @@ FAILED), which this side polls. At most two segments: one the daemon persists, o
 when both are busy the next save waits (the back-pressure rule). Captures that are not plain
 tensors + JSON (Keras' .weights.h5, TensorFlow files, a rank of a torch.distributed job) are
 written in-process as before; so is a segment the daemon refused, or one it can no longer take
-(it died): nothing handed over is lost.
+(it died), or one it never answered (ANSWER_TIMEOUT_S with no sign of it working; the segment's
+lock keeps the two from both committing it): nothing handed over is lost.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Callable, Optional
 
 from savegame import protocol
 from savegame.snapshot.layout import PAGE, FileSpan, SnapshotMeta, Status, round_up
+from savegame.snapshot.persist import SegmentBusy, claim, commit_claimed  # the daemon's code: identical bytes
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.worker.adapter import STATE_FILE, TENSORS_FILE
 from savegame.worker.link import DaemonLink, daemon_alive, process_rank
@@ -34,6 +36,9 @@ log = logging.getLogger("savegame.worker")
 POLL_S = 0.002
 ALIVE_CHECK_S = 0.25
 ANNOUNCE_TIMEOUT_S = 5.0
+# A READY segment unanswered this long, and no sign of the daemon at work on our segments (an answer,
+# a hand-over, a segment's lock held): the daemon will not take it (it could not open it), commit it here.
+ANSWER_TIMEOUT_S = 30.0
 Done = Callable[[SaveJob, Optional[CheckpointInfo], Optional[BaseException]], None]
 
 
@@ -59,6 +64,7 @@ class HandoverWriter:
         self._lock = threading.Lock()  # reaping runs on the writer and on the training thread
         self._seq = 0
         self._alive_checked = 0.0
+        self._progress = 0.0  # the last sign of the hand-over moving on (see ANSWER_TIMEOUT_S)
         self.inflight_step: Optional[int] = None
         self.last_persist_s: Optional[float] = None
 
@@ -129,18 +135,27 @@ class HandoverWriter:
             with self._lock:  # from here on the training thread's reaping may see it
                 segment.job, segment.handed_at, segment.seq = job, submitted, self._seq
                 publish(segment, meta, meta_offset, self._seq)
+                self._progress = time.monotonic()
+        except Exception as exc:  # the capture is still whole: written in-process, which then cleans it up
+            self._release(segment)
+            log.warning("could not render step %d into shared memory (%s): writing it here", job.step, exc)
+            return False
         except BaseException:
-            segment.job = None
-            segment.set_status(Status.FREE)
+            self._release(segment)
+            _clean_up(job)
             raise
-        finally:
-            if job.capture.cleanup is not None:
-                job.capture.cleanup()
+        _clean_up(job)
         if not self._announce(segment, job.step):
             with self._lock:
                 if segment.job is job:  # (unless the reaping found the daemon gone and wrote it already)
                     self._write_here(segment)  # nobody will take it: commit it from the segment ourselves
         return True
+
+    def _release(self, segment: Segment) -> None:
+        """A segment whose render failed is free again (under the lock: the reaping must not see it half done)."""
+        with self._lock:
+            segment.job = None
+            segment.set_status(Status.FREE)
 
     def _free_segment(self, required: int) -> Optional[Segment]:
         """A segment holding nothing the daemon still has to commit, at least `required` bytes; waits
@@ -190,31 +205,61 @@ class HandoverWriter:
 
     def _reap(self) -> None:
         daemon_gone = self._daemon_gone()
-        for segment in self._segments:
-            if segment is None or segment.job is None:
-                continue
+        for segment in self._pending():
             status = segment.status
             if status == Status.COMMITTED:
-                job, segment.job = segment.job, None
-                self.last_persist_s = time.monotonic() - segment.handed_at
-                self._on_daemon_commit(job, self.last_persist_s)
-            elif status == Status.FAILED or (daemon_gone and status == Status.READY):
-                if status == Status.FAILED:
-                    log.warning("the daemon did not commit step %d from shared memory: writing it here",
-                                segment.job.step)
+                self._progress = time.monotonic()
+                self._daemon_committed(segment)
+            elif status == Status.FAILED:
+                self._progress = time.monotonic()
+                self._write_here(segment, f"the daemon did not commit step {segment.job.step} from shared "
+                                          "memory: writing it here")
+            elif daemon_gone and status == Status.READY:
                 self._write_here(segment)
+        self._unanswered()
 
-    def _write_here(self, segment: Segment) -> None:
-        """Commit a handed-over segment in this process (the daemon refused it, or is gone)."""
-        from savegame.snapshot.persist import persist  # the daemon's own code path: identical bytes
+    def _pending(self) -> list[Segment]:
+        """The segments the daemon still has to answer, oldest hand-over first (its order of work)."""
+        return sorted((s for s in self._segments if s is not None and s.job is not None), key=lambda s: s.seq)
 
-        job, segment.job = segment.job, None
-        segment.set_status(Status.READY)
-        try:
-            info = persist(segment.fd, self._store)
-        except BaseException as exc:
-            self._on_done(job, None, exc)
+    def _unanswered(self) -> None:
+        """After ANSWER_TIMEOUT_S without progress, the oldest pending segment: if its lock is free the
+        daemon has not started on it (and now cannot: it would find the lock taken), so commit it here;
+        if held, the daemon is committing it, however long that takes: wait on."""
+        pending = self._pending()
+        now = time.monotonic()
+        if not pending or now - self._progress < ANSWER_TIMEOUT_S:
             return
+        self._progress = now  # the next look, one time limit from now
+        oldest = pending[0]
+        try:
+            self._write_here(oldest, f"no answer from the daemon for step {oldest.job.step} in "
+                                     f"{now - oldest.handed_at:.0f}s: committing it here", block=False)
+        except SegmentBusy:
+            log.info("step %d is being committed (its lock is held): waiting for the daemon", oldest.job.step)
+
+    def _daemon_committed(self, segment: Segment) -> None:
+        job, segment.job = segment.job, None
+        self.last_persist_s = time.monotonic() - segment.handed_at
+        self._on_daemon_commit(job, self.last_persist_s)
+
+    def _write_here(self, segment: Segment, warning: str = "", block: bool = True) -> None:
+        """Commit a handed-over segment in this process (the daemon refused it, is gone, or never
+        answered), under its lock: never while the daemon commits it. `warning` is logged once the
+        lock is ours. SegmentBusy (only when not `block`): the daemon holds it."""
+        with claim(segment.fd, block):
+            if segment.status == Status.COMMITTED:  # the daemon answered while we waited for the lock
+                self._daemon_committed(segment)
+                return
+            if warning:
+                log.warning("%s", warning)
+            job, segment.job = segment.job, None
+            segment.set_status(Status.READY)
+            try:
+                info = commit_claimed(segment.fd, self._store)
+            except BaseException as exc:
+                self._on_done(job, None, exc)
+                return
         self.last_persist_s = time.monotonic() - segment.handed_at
         self._on_done(job, info, None)
 
@@ -224,3 +269,9 @@ class HandoverWriter:
             return False
         self._alive_checked = now
         return self._link.gone or not daemon_alive()
+
+
+def _clean_up(job: SaveJob) -> None:
+    """The capture's own clean-up, once its bytes are in a segment (write_checkpoint runs it otherwise)."""
+    if job.capture.cleanup is not None:
+        job.capture.cleanup()
