@@ -7,7 +7,9 @@ names is injected:
 - `open-segment`: the daemon cannot open a snapshot segment (out of file descriptors), so it never
   answers the worker;
 - `render`: the worker's next rendering of a save into a segment fails part-way (once: the file is
-  removed).
+  removed);
+- `slow-commit`: each commit of a snapshot segment by the daemon takes 4 s more (a big state on a
+  slow disk), with `<trigger>.committing` existing while it does.
 
 SAVEGAME_TEST_ANSWER_TIMEOUT, when set, replaces the worker's ANSWER_TIMEOUT_S (seconds).
 """
@@ -77,10 +79,29 @@ def _break_one_render() -> None:
     handover.write_safetensors = failing_write_safetensors
 
 
+def _slow_down_commits() -> None:
+    import time
+
+    from savegame.daemon import handover
+
+    persist = handover.persist
+
+    def slow_persist(fd, store, buffer=None):
+        if _armed():
+            marker = TRIGGER + ".committing"
+            open(marker, "w").close()
+            time.sleep(4)
+            os.remove(marker)
+        return persist(fd, store, buffer)
+
+    handover.persist = slow_persist
+
+
 if os.environ.get("SAVEGAME_TEST_ANSWER_TIMEOUT"):
     from savegame.worker import handover as _handover
 
     _handover.ANSWER_TIMEOUT_S = float(os.environ["SAVEGAME_TEST_ANSWER_TIMEOUT"])
 
 if TRIGGER:
-    {"event": _break_event_handling, "open-segment": _break_segment_opening, "render": _break_one_render}[KIND]()
+    {"event": _break_event_handling, "open-segment": _break_segment_opening, "render": _break_one_render,
+     "slow-commit": _slow_down_commits}[KIND]()

@@ -4,10 +4,12 @@ after the hand-over, and no segment outlives the run (or a SIGKILLed worker, or 
 from __future__ import annotations
 
 import fcntl
+import contextlib
 import importlib.util
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -343,3 +345,44 @@ def test_a_save_that_fails_to_render_into_its_segment_is_written_in_process(tmp_
         for f in json.loads((alone / name / "manifest.json").read_text())["files"]:
             assert (alone / name / f["path"]).read_bytes() == (supervised / name / f["path"]).read_bytes()
         verify_ok(supervised, step)
+
+
+def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_path):
+    """A hand-over of a big state to a slow disk takes long to commit; meanwhile the daemon's loop must
+    go on: systemd's watchdog pings (a blocked loop past WatchdogSec gets the service killed),
+    signals, events. The commits run beside the loop, and every one still lands."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.05)
+    trigger = tmp_path / "slow"
+    trigger.touch()
+    env = with_fault("slow-commit", trigger, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003"], ["--shared-memory"],
+                    env=env).start()
+    messages: list[str] = []
+
+    def collect() -> None:
+        with contextlib.suppress(socket.timeout, BlockingIOError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+
+    try:
+        wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+        collect()
+        before = sum("WATCHDOG=1" in m for m in messages)
+        time.sleep(2.0)  # inside the first 4-second commit
+        assert os.path.exists(f"{trigger}.committing")
+        collect()
+        pings = sum("WATCHDOG=1" in m for m in messages) - before
+        assert pings >= 4, f"{pings} watchdog pings in 2 s of a commit: the commit blocks the daemon's loop"
+        trigger.unlink()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    finally:
+        daemon.kill()
+        sock.close()
+    steps = committed_steps(run)
+    assert 4 in steps and "from shared memory" in daemon.stderr
+    for step in steps:
+        verify_ok(run, step)

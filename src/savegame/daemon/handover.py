@@ -5,17 +5,21 @@ plain file of this user, named for the sending process), checks it and writes it
 like any checkpoint, then answers in the segment's status word. A bad segment is logged and
 dropped (FAILED: the worker writes it itself); it never takes the daemon down. A segment whose lock
 its worker holds (it got no answer in time and commits it itself) is left to it. No framework is
-imported here. The commit runs on the daemon's loop, so a worker that dies right after the hand-over
-is only handled (and restarted) once its last checkpoint is committed.
+imported here. Commits run one at a time on a thread of their own, so the daemon's loop goes on
+(watchdog pings, signals, events) while a big state is written; a worker that dies right after a
+hand-over is only handled (and restarted) once every commit under way is done.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import mmap
 import os
 import time
-from typing import Any, Mapping, Optional
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Optional
 
 from savegame import protocol
 from savegame.errors import MalformedInput
@@ -30,9 +34,12 @@ log = logging.getLogger("savegame")
 
 class SnapshotTaker:
     def __init__(self, run_dir: str, store: CheckpointStore, node: str = "", root: str = shm.SHM_ROOT,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, wake: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self._buffer: Optional[mmap.mmap] = None  # page-aligned, reused from commit to commit
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-commit")
+        self._pending: collections.deque[Future[Optional[dict[str, Any]]]] = collections.deque()
+        self._wake = wake  # tells the daemon's loop a commit is done
         self.dropped = 0
         self.folder: Optional[str] = None
         self.kept: Optional[tuple[int, str]] = None  # (step, path): a checkpoint kept in RAM for the next worker
@@ -61,6 +68,33 @@ class SnapshotTaker:
             with contextlib.suppress(OSError):
                 os.unlink(self.kept[1])
             self.kept = None
+
+    def submit(self, event: Mapping[str, Any]) -> None:
+        """Commit the segment a `snapshot` event names, beside the daemon's loop (see finished())."""
+        if self.folder is None:
+            return
+        future = self._committer.submit(self.take, dict(event))
+        future.add_done_callback(lambda _done: self._wake())
+        self._pending.append(future)
+
+    @property
+    def committing(self) -> bool:
+        """A commit is under way (the worker may be waiting on it: it is not hung)."""
+        return bool(self._pending)
+
+    def finished(self) -> list[dict[str, Any]]:
+        """The commits done since the last call, in hand-over order, as `committed` events."""
+        done = []
+        while self._pending and self._pending[0].done():
+            result = self._pending.popleft().result()  # a bug in a commit surfaces in the daemon's loop
+            if result is not None:
+                done.append(result)
+        return done
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Wait for every commit under way; finished()'s events for all of them."""
+        futures.wait(list(self._pending))
+        return self.finished()
 
     def take(self, event: Mapping[str, Any]) -> Optional[dict[str, Any]]:
         """Commit the segment a `snapshot` event names; the `committed` event it amounts to, or None."""
@@ -97,7 +131,7 @@ class SnapshotTaker:
         restore from (when `keep`), remove the rest (a SIGKILLed worker cannot). The commits, as events."""
         if self.folder is None:
             return []
-        committed = self.salvage()
+        committed = self.drain() + self.salvage()
         self.kept = self._keep_newest() if keep else None
         shm.clear(self.folder, keep=self.kept[1] if self.kept else None)
         return committed
@@ -152,6 +186,7 @@ class SnapshotTaker:
             for event in self.worker_gone(keep=False):
                 log.info("committed step %s, handed over by a worker killed at the end of the run", event["step"])
             shm.remove(self.folder)
+        self._committer.shutdown()
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None

@@ -71,9 +71,9 @@ class Supervisor:
         self.chooser = ResumeChooser(self.local, self.remote, settings.monitor, settings["upload_timeout"])
         self.notifier = Notifier()
         self.inbox = EventInbox(self.run_dir, self.node.file("events.sock"))
-        self.snapshots = SnapshotTaker(self.run_dir, self.local, self.node.name or "",
-                                       enabled=bool(settings["shared_memory"]))
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.snapshots = SnapshotTaker(self.run_dir, self.local, self.node.name or "",
+                                       enabled=bool(settings["shared_memory"]), wake=self.wake)
         self.output = WorkerOutput(self.run_dir, binary_stream("stdout"), binary_stream("stderr"),
                                    (self.node.file("worker.out"), self.node.file("worker.err")))
         self.mirror = (Mirror(self.local, self.remote, self.wake, settings["stale_after"], settings["upload_timeout"])
@@ -260,10 +260,19 @@ class Supervisor:
 
     def _take_worker_events(self) -> None:
         for event in self.inbox.drain(self._accept_sender):
+            self._take_commits()  # the worker may have seen a commit done before it said this
             self._on_worker_event(event)
+        self._take_commits()
+
+    def _take_commits(self) -> None:
+        """The hand-overs the committer thread has committed, as the worker's own `committed` events."""
+        for committed in self.snapshots.finished():
+            self._on_worker_event(committed)
 
     def _commit_handed_over(self) -> None:
         """Only the hand-overs (the daemon is going: nothing else it hears matters now)."""
+        for committed in self.snapshots.drain():
+            self._note_commit(committed)
         for event in self.inbox.drain(self._accept_sender):
             committed = self.snapshots.take(event) if event["event"] == protocol.EVENT_SNAPSHOT else None
             if committed is not None:
@@ -271,9 +280,7 @@ class Supervisor:
 
     def _on_worker_event(self, event: Mapping[str, Any]) -> None:
         if event["event"] == protocol.EVENT_SNAPSHOT:
-            committed = self.snapshots.take(event)  # commits before anything else is heard of this worker
-            if committed is not None:
-                self._on_worker_event(committed)
+            self.snapshots.submit(event)  # committed beside the loop; _take_commits() hears of it
             return
         self.last_event_mono = time.monotonic()
         self.hang.observe(event, self.last_event_mono)
@@ -358,8 +365,10 @@ class Supervisor:
         status = self.worker.poll()
         if status is None:
             return
-        self._exit_reported = True
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
+        if self.snapshots.committing:
+            return  # handled once what it handed over is committed (the loop goes on meanwhile)
+        self._exit_reported = True
         for committed in self.snapshots.worker_gone():  # made READY, killed before it could say so
             self._on_worker_event(committed)
         code, signum = status
@@ -387,6 +396,8 @@ class Supervisor:
     def _check_hang(self) -> None:
         limit = self.hang.limit_s
         silent = time.monotonic() - self.last_event_mono
+        if self.snapshots.committing:  # the worker may be waiting for this daemon's commit
+            return
         if limit and self.machine.state == m.State.RUNNING and silent >= limit:
             self.events.append(m.HangDetected(silent))
             self.last_event_mono = time.monotonic()  # report a hang once
