@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from savegame.storage import CheckpointStore
-from savegame.worker.writer import BOUNCE_BYTES, DirectWrites
+from savegame.storage.direct import BOUNCE_BYTES, DirectWrites
 
 pytestmark = pytest.mark.integration
 

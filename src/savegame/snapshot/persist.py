@@ -21,7 +21,7 @@ from savegame.errors import MalformedInput
 from savegame.snapshot.layout import (PAGE, SEGMENT_NAME, STATUS_AT, Control, FileSpan, SnapshotMeta, Status,
                                       parse_control, parse_meta)
 from savegame.storage import CheckpointInfo, CheckpointStore
-from savegame.worker.writer import DIRECT_MIN, DirectWrites
+from savegame.storage.direct import DIRECT_MIN, DirectWrites
 
 CHUNK = 8 << 20
 

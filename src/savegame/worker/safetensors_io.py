@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequen
 
 from savegame.errors import CorruptCheckpoint, MalformedInput, UnsupportedFormat
 from savegame.storage.checksum import Hasher
+from savegame.storage.direct import buffer_address
 from savegame.untrusted import MAX_SAFE_INT, integer, load_json
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -80,14 +81,6 @@ def write_safetensors(sink: Any, blobs: Sequence[TensorBlob], metadata: Optional
             sink.write(piece)
             done += piece.nbytes
     return len(header) + done
-
-
-def buffer_address(view: memoryview) -> Optional[int]:
-    """Where a buffer's bytes are in memory (None when that cannot be told without copying)."""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except (TypeError, ValueError):  # read-only or empty
-        return None
 
 
 def coalesce(views: Iterable[memoryview]) -> Iterator[memoryview]:

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from savegame.errors import ConfigError
-from savegame.worker.writer import DirectWrites
+from savegame.storage.direct import DirectWrites
 
 WEIGHTS_FILE = "model.weights.h5"
 KERAS_FILE = "model.keras"

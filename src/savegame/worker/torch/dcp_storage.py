@@ -33,7 +33,7 @@ from savegame.worker.adapter import STATE_FILE, CheckpointReader
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo, read_safetensors, write_safetensors
 from savegame.worker.torch.buffers import TORCH_DTYPES, bytes_view
 from savegame.worker.torch.dcp_metadata import METADATA_FILE, ChunkLocation, entry_name, metadata_to_json
-from savegame.worker.writer import DIRECT_ALIGN, DirectWrites
+from savegame.storage.direct import DIRECT_ALIGN, DirectWrites
 
 REPORT = "__savegame_rank_files__"  # the fqn of each rank's report among the write results
 
