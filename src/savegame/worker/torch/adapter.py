@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from savegame.errors import ConfigError, CorruptCheckpoint
-from savegame.worker.adapter import Capture, CheckpointReader
+from savegame.worker.adapter import Capture, CheckpointReader, Reserve
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.exits import warn_once
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
@@ -54,9 +54,13 @@ class TorchAdapter:
         return encoder.tensors, {"objects": skeleton, "rng": rng, "modules": modules}  # modules: what export takes
 
     def capture(self) -> Capture:
+        return self.capture_into(None)
+
+    def capture_into(self, reserve: Optional[Reserve]) -> Capture:
+        """capture(), with CPU tensors copied into the memory `reserve` lends (a shared-memory segment)."""
         tensors, state = self._encode()
-        blobs, fill, ready = self._buffers.plan(tensors)
-        return Capture(blobs=blobs, state=state, fill=fill, ready=ready)
+        blobs, fill, ready, reserved = self._buffers.plan(tensors, reserve)
+        return Capture(blobs=blobs, state=state, fill=fill, ready=ready, reserved=reserved)
 
     def capture_in_place(self) -> Capture:
         """For a save that training waits out (emergency, final): CPU tensors are written from their
