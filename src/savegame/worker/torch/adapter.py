@@ -1,7 +1,8 @@
 """PyTorch adapter: models, optimizers, schedulers, GradScalers, RNG states and the data position.
 
 Saving copies every tensor into one reusable host buffer (pinned when the state is on a GPU), so
-the training thread pays one memcpy; the buffer is written in the background. Restoring reads
+the training thread pays one memcpy; the buffer is written in the background. Under the
+shared-memory hand-over, CPU tensors are copied straight into the daemon's segment instead. Restoring reads
 straight into the model's own CPU tensors where it can, and into fresh CPU tensors otherwise;
 `load_state_dict` then moves them to the right device, so a GPU checkpoint loads on a CPU-only
 machine. Nothing is unpickled: tensors come from safetensors, everything else from JSON.
