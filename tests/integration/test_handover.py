@@ -3,8 +3,8 @@ saves to the daemon in /dev/shm; the daemon commits them, even when the worker i
 after the hand-over, and no segment outlives the run (or a SIGKILLed worker, or daemon)."""
 from __future__ import annotations
 
-import fcntl
 import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -386,3 +386,27 @@ def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_pat
     assert 4 in steps and "from shared memory" in daemon.stderr
     for step in steps:
         verify_ok(run, step)
+
+
+MEMORY_WORKER = str(TESTS / "workers" / "memory_worker.py")
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_the_capture_copies_straight_into_the_segment_with_no_host_buffer_besides(tmp_path, framework):
+    """A worker with a 64 MiB state saving 4 times, its peak RSS (VmHWM) over its RSS before the state
+    existed: in-process about 2.1x the state (live + host buffer); handed over about 3.1x (live + two
+    segments), which was 4.1x while the capture copied into host buffers first. Besides the segments
+    (RssShmem) it holds the live state only: about 1.1x, against 2.1x then."""
+    args = [MEMORY_WORKER, "--framework", framework, "--mb", "64"]
+    alone = json.loads(subprocess.run([sys.executable, *args, "--dir", str(tmp_path / "alone")], check=True,
+                                      env=clean_env(), capture_output=True, text=True, timeout=120).stdout.splitlines()[-1])
+    daemon = Daemon(tmp_path / "run", args, ["--shared-memory"]).start()
+    assert daemon.wait(120) == 0, daemon.stderr[-3000:]
+    assert "committed step 1 (periodic) from shared memory" in daemon.stderr
+    handed = json.loads(daemon.stdout.splitlines()[-1])
+    state = handed["state"]
+    assert handed["shmem"] >= 0.9 * state  # the segments it filled are in its RSS
+    private = (handed["hwm"] - handed["shmem"] - handed["baseline"]) / state
+    assert private < 1.5, handed
+    extra = ((handed["hwm"] - handed["baseline"]) - (alone["hwm"] - alone["baseline"])) / state
+    assert extra < 1.5, (handed, alone)  # at most two segments instead of a host buffer: ~1x, not 2x

@@ -10,18 +10,32 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional, Protocol, Union
+from typing import Any, BinaryIO, Callable, Optional, Protocol, Sequence, Union
 
 from savegame.errors import CorruptCheckpoint, UnsupportedFormat
 from savegame.snapshot.kept import KeptSnapshot
 from savegame.storage import CheckpointInfo, CheckpointStore
 from savegame.storage.checksum import Hasher, checksum_stream
-from savegame.worker.safetensors_io import Allocate, TensorBlob, TensorInfo, read_safetensors
+from savegame.worker.safetensors_io import Allocate, TensorBlob, TensorInfo, TensorSpec, read_safetensors
 
 TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
 STATE_FORMAT = 1
 UNSAFE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".npy", ".npz")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Memory a writer lends one capture: the tensors' bytes go there back to back, in the order they
+    were asked for, already where the writer sends them from (a shared-memory segment, at their final
+    offsets in state.safetensors), so nothing copies them a second time."""
+
+    data: memoryview
+    owner: Any  # the writer's own record of it (which segment)
+
+
+# What a writer offers a capture (`capture_into(reserve)`): memory for these tensors, or None (use your own).
+Reserve = Callable[[Sequence[TensorSpec]], Optional[Reservation]]
 
 
 @dataclass
@@ -41,6 +55,9 @@ class Capture:
     # Captures that write and commit in their own way (the ranks of a job, each writing its part of
     # one checkpoint): the writer thread calls write(store, save_job) instead of writing the above.
     write: Optional[Callable[[CheckpointStore, Any], CheckpointInfo]] = None
+    # The writer's memory the blobs were copied into (capture_into), in the blobs' order; the
+    # writer frees it when the save is done, however it ends.
+    reserved: Optional[Reservation] = None
 
 
 class Owner(Protocol):
@@ -59,6 +76,8 @@ class Adapter(Protocol):
 
     # Optional: `capture_in_place() -> Capture` whose blobs point at the live state, for saves the
     # training loop waits out (emergency, final): no copy, no buffer to allocate.
+    # Optional: `capture_into(reserve: Reserve) -> Capture`, capture() that copies into the memory
+    # `reserve` lends (when it lends any) instead of buffers of its own.
 
     def restore(self, reader: "CheckpointReader") -> None: ...
 

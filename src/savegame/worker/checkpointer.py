@@ -435,8 +435,13 @@ class Checkpointer:
                     f"on without a way back: {self._commits.error}")
         self._deferred = None  # whatever was put off is in this save
         capture_in_place = getattr(self._adapter, "capture_in_place", None) if in_place else None
+        capture_into = getattr(self._adapter, "capture_into", None)
+        reserve = getattr(self._writer, "reserve", None)  # the hand-over lends a segment to copy into
         started = time.monotonic()
-        capture = (capture_in_place or self._adapter.capture)()
+        if capture_in_place is None and capture_into is not None and reserve is not None:
+            capture = capture_into(lambda specs: reserve(specs, step))  # may wait for a free segment
+        else:
+            capture = (capture_in_place or self._adapter.capture)()
         self._writer.submit(SaveJob(capture, self._core_state(), step, self.progress.epoch, reason, dict(metrics),
                                     self.framework, self.run_id, self.resumed_from))
         if capture.fill is not None:

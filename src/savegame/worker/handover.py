@@ -1,7 +1,9 @@
 """Saves handed over to the daemon through shared memory (a worker under `savegame run`).
 
-The writer thread renders the capture into a segment (the exact bytes of state.safetensors and
-state.json, the same functions as the in-process writer), marks it READY and sends one `snapshot`
+The capture copies the tensors straight into a free segment (`reserve`, on the training thread), at
+their offsets in state.safetensors; the writer thread adds the header and state.json (the exact
+bytes, the same functions as the in-process writer; a capture in its own buffers, such as an
+emergency save from live memory, it copies in whole), marks it READY and sends one `snapshot`
 event; from then on the checkpoint no longer depends on this process: the daemon commits it even if
 the worker dies the next instant. The daemon answers in the segment's status word (COMMITTED or
 FAILED), which this side polls. At most two segments: one the daemon persists, one being filled;
@@ -19,16 +21,17 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from savegame import protocol
 from savegame.snapshot.layout import PAGE, FileSpan, SnapshotMeta, Status, round_up
 from savegame.snapshot.persist import SegmentBusy, claim, commit_claimed  # the daemon's code: identical bytes
 from savegame.storage import CheckpointInfo, CheckpointStore
-from savegame.worker.adapter import STATE_FILE, TENSORS_FILE
+from savegame.worker.adapter import STATE_FILE, TENSORS_FILE, Reservation
 from savegame.worker.link import DaemonLink, daemon_alive, process_rank
-from savegame.worker.safetensors_io import encode_header, write_safetensors
-from savegame.worker.segments import MAX_SEGMENTS, Segment, SegmentSink, capacity_for, create_segment, publish
+from savegame.worker.safetensors_io import TensorSpec, buffer_address, encode_header, write_safetensors
+from savegame.worker.segments import (MAX_SEGMENTS, SLACK, Segment, SegmentSink, capacity_for, create_segment,
+                                      publish)
 from savegame.worker.writer import (DIRECT_ALIGN, SaveJob, _yield_to_training, state_bytes, tensors_metadata,
                                     write_checkpoint)
 
@@ -67,11 +70,32 @@ class HandoverWriter:
         self._progress = 0.0  # the last sign of the hand-over moving on (see ANSWER_TIMEOUT_S)
         self.inflight_step: Optional[int] = None
         self.last_persist_s: Optional[float] = None
+        self._reserved: Optional[Segment] = None  # lent to a capture that has not been submitted yet
+        self._tail = SLACK  # room for state.json and the meta after the tensors (the last save's, once known)
 
     # -- the training thread --------------------------------------------------------------------
 
+    def reserve(self, specs: Sequence[TensorSpec], step: int) -> Optional[Reservation]:
+        """Before a capture copies: the data region of a free segment (waiting while both are busy,
+        the back-pressure rule), laid out as write_safetensors lays out this step's state.safetensors,
+        so the capture's copy is the segment's and the writer thread only adds the header, state.json
+        and the meta. None: the capture uses its own buffers (no shared memory, a job's rank)."""
+        if process_rank()[1] != 1:
+            return None
+        self.make_room()
+        self._unreserve()
+        header = len(encode_header(specs, tensors_metadata(step), align=DIRECT_ALIGN))
+        data = sum(spec.nbytes for spec in specs)
+        segment = self._free_segment(PAGE + round_up(header + data) + self._tail)
+        if segment is None:
+            return None
+        segment.set_status(Status.FILLING)
+        self._reserved = segment
+        return Reservation(memoryview(segment.buffer)[PAGE + header:PAGE + header + data], segment)
+
     def submit(self, job: SaveJob) -> None:
         self.make_room()
+        self._unreserve(keep=_placed(job))
         self.inflight_step = job.step
         self._inflight = self._pool.submit(self._run, job, time.monotonic())
 
@@ -103,29 +127,48 @@ class HandoverWriter:
     # -- the writer thread ----------------------------------------------------------------------
 
     def _run(self, job: SaveJob, submitted: float) -> None:
+        placed = _placed(job)
         try:
-            if not eligible(job) or not self._hand_over(job, submitted):
-                info = write_checkpoint(self._store, job)
+            if not eligible(job) or not self._hand_over(job, submitted, placed):
+                info = write_checkpoint(self._store, job)  # from the segment, when the capture lies there
                 self.last_persist_s = time.monotonic() - submitted
                 self._on_done(job, info, None)
         except BaseException as exc:  # reported to the training thread through on_done
             self._on_done(job, None, exc)
+        finally:
+            if placed is not None:
+                with self._lock:
+                    if placed.status == Status.FILLING:  # never handed over (written here, or failed)
+                        placed.job = None
+                        placed.set_status(Status.FREE)
 
-    def _hand_over(self, job: SaveJob, submitted: float) -> bool:
-        """Render into a segment and announce it; False: write in-process instead (nothing was handed)."""
+    def _hand_over(self, job: SaveJob, submitted: float, placed: Optional[Segment]) -> bool:
+        """Render into a segment (`placed`: the one the capture was copied into) and announce it;
+        False: write in-process instead (nothing was handed)."""
         header = encode_header(job.capture.blobs, tensors_metadata(job.step), align=DIRECT_ALIGN)
-        tensor_bytes = len(header) + sum(blob.data.nbytes for blob in job.capture.blobs)
+        tensor_bytes = len(header) + sum(blob.nbytes for blob in job.capture.blobs)
         state = state_bytes(job)
         files = (FileSpan(TENSORS_FILE, PAGE, tensor_bytes),
                  FileSpan(STATE_FILE, PAGE + round_up(tensor_bytes), len(state)))
         meta = SnapshotMeta(job.step, job.epoch, job.reason, dict(job.metrics), job.framework, job.run_id,
                             job.resumed_from, files)
         meta_offset = files[1].offset + round_up(len(state))
-        segment = self._free_segment(meta_offset + len(meta.to_json()))
+        required = meta_offset + len(meta.to_json())
+        self._tail = max(SLACK, required - files[1].offset)  # what the next reservation leaves after the tensors
+        segment = placed if placed is not None else self._free_segment(required)
         if segment is None:
             return False
         try:
+            if placed is not None:  # the tensors are in place; what follows them must fit, and nothing may move
+                if required > segment.capacity:
+                    raise ValueError(f"state.json and the meta need {required} bytes, the segment holds "
+                                     f"{segment.capacity}")
+                reserved = job.capture.reserved
+                if reserved is None or buffer_address(reserved.data) != segment.address + PAGE + len(header):
+                    raise ValueError("the capture does not lie where the header puts its tensors")
             segment.set_status(Status.FILLING)
+            # Bytes the capture copied into the segment stay where they are (SegmentSink skips them):
+            # then this writes the header only, and waits for the copy as it goes.
             written = write_safetensors(SegmentSink(segment, PAGE), job.capture.blobs, tensors_metadata(job.step),
                                         align=DIRECT_ALIGN, ready=job.capture.ready)
             if written != tensor_bytes:
@@ -137,7 +180,7 @@ class HandoverWriter:
                 publish(segment, meta, meta_offset, self._seq)
                 self._progress = time.monotonic()
         except Exception as exc:  # the capture is still whole: written in-process, which then cleans it up
-            self._release(segment)
+            self._release(segment)  # (a placed capture's bytes stay: nothing takes a segment before the write is done)
             log.warning("could not render step %d into shared memory (%s): writing it here", job.step, exc)
             return False
         except BaseException:
@@ -150,6 +193,12 @@ class HandoverWriter:
                 if segment.job is job:  # (unless the reaping found the daemon gone and wrote it already)
                     self._write_here(segment)  # nobody will take it: commit it from the segment ourselves
         return True
+
+    def _unreserve(self, keep: Optional[Segment] = None) -> None:
+        """A segment lent to a capture that never came to the writer (it failed) is free again."""
+        segment, self._reserved = self._reserved, None
+        if segment is not None and segment is not keep:
+            self._release(segment)
 
     def _release(self, segment: Segment) -> None:
         """A segment whose render failed is free again (under the lock: the reaping must not see it half done)."""
@@ -269,6 +318,12 @@ class HandoverWriter:
             return False
         self._alive_checked = now
         return self._link.gone or not daemon_alive()
+
+
+def _placed(job: SaveJob) -> Optional[Segment]:
+    """The segment the capture was copied into (HandoverWriter.reserve), if any."""
+    reserved = job.capture.reserved
+    return reserved.owner if reserved is not None and isinstance(reserved.owner, Segment) else None
 
 
 def _clean_up(job: SaveJob) -> None:

@@ -5,14 +5,14 @@ lists of arrays and plain values work too (restored by `ckpt.tracked(name)`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from savegame.errors import ConfigError, CorruptCheckpoint, UnsupportedFormat
-from savegame.worker.adapter import Capture, CheckpointReader
+from savegame.worker.adapter import Capture, CheckpointReader, Reservation, Reserve
 from savegame.worker.codec import Encoder, decode
-from savegame.worker.safetensors_io import TensorBlob, TensorInfo
+from savegame.worker.safetensors_io import TensorBlob, TensorInfo, TensorSpec
 
 DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
           np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
@@ -35,20 +35,32 @@ class NumpyAdapter:
         """Copies into reusable buffers: training may change the arrays while they are written."""
         return self._capture(self._copy)
 
+    def capture_into(self, reserve: Optional[Reserve]) -> Capture:
+        """capture(), copying into the memory `reserve` lends (a shared-memory segment) when it does."""
+        return self._capture(self._copy, reserve)
+
     def capture_in_place(self) -> Capture:
         """The arrays' own memory, for a save that training waits out (emergency, final)."""
         return self._capture(lambda name, array: np.ascontiguousarray(array))
 
-    def _capture(self, host: Callable[[str, np.ndarray], np.ndarray]) -> Capture:
+    def _capture(self, host: Callable[[str, np.ndarray], np.ndarray], reserve: Optional[Reserve] = None) -> Capture:
         encoder = Encoder(lambda x: isinstance(x, np.ndarray))
         skeleton = {name: encoder.encode(obj, name) for name, obj in self.objects.items()}
-        blobs = []
-        for name, array in encoder.tensors.items():
+        arrays = encoder.tensors
+        for name, array in arrays.items():
             if array.dtype not in DTYPES:
                 raise ConfigError(f"{name}: arrays of dtype {array.dtype} cannot be saved")
+        reserved = None
+        if reserve is not None and sum(array.nbytes for array in arrays.values()):
+            reserved = reserve([TensorSpec(name, DTYPES[a.dtype], tuple(a.shape)) for name, a in arrays.items()])
+        if reserved is not None:
+            self._buffers.clear()  # the segment is the copy: no buffers besides it
+            host = _placer(reserved)
+        blobs = []
+        for name, array in arrays.items():
             data = host(name, array)
             blobs.append(TensorBlob(name, DTYPES[array.dtype], array.shape, memoryview(data.reshape(-1).view(np.uint8))))
-        return Capture(blobs=blobs, state={"objects": skeleton})
+        return Capture(blobs=blobs, state={"objects": skeleton}, reserved=reserved)
 
     def _copy(self, name: str, array: np.ndarray) -> np.ndarray:
         buffer = self._buffers.get(name)
@@ -102,3 +114,18 @@ class NumpyAdapter:
 
     def tracked(self, name: str) -> Any:
         return self.objects[name]
+
+
+def _placer(reserved: Reservation) -> Callable[[str, np.ndarray], np.ndarray]:
+    """Copies each array into the next bytes of the reserved memory (the arrays come in file order)."""
+    flat = np.frombuffer(reserved.data, dtype=np.uint8)
+    at = 0
+
+    def place(name: str, array: np.ndarray) -> np.ndarray:
+        nonlocal at
+        dest = flat[at:at + array.nbytes].view(array.dtype).reshape(array.shape)
+        at += array.nbytes
+        np.copyto(dest, array)
+        return dest
+
+    return place

@@ -37,6 +37,23 @@ class TensorBlob:
     shape: tuple[int, ...]
     data: memoryview  # C-contiguous bytes, len == prod(shape) * itemsize
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be saved, before its bytes exist anywhere: what a header is made from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.dtype, self.shape)
+
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     count = 1
@@ -45,14 +62,16 @@ def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     return count * ITEMSIZE[dtype]
 
 
-def encode_header(blobs: Sequence[TensorBlob], metadata: Optional[dict[str, str]] = None, align: int = 8) -> bytes:
-    """The 8-byte length and the JSON header, padded with spaces so the data starts at a multiple of `align`."""
+def encode_header(blobs: Sequence[TensorBlob | TensorSpec], metadata: Optional[dict[str, str]] = None,
+                  align: int = 8) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces so the data starts at a multiple of `align`.
+    The data follows in the order given, back to back."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for blob in blobs:
-        size = blob.data.nbytes
+        size = blob.nbytes
         if size != _nbytes(blob.dtype, blob.shape):
             raise ValueError(f"{blob.name}: {size} bytes do not match {blob.dtype}{list(blob.shape)}")
         header[blob.name] = {"dtype": blob.dtype, "shape": list(blob.shape), "data_offsets": [offset, offset + size]}

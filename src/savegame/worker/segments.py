@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from savegame.snapshot.layout import PAGE, STATUS_AT, SnapshotMeta, Status, pack_control, round_up
+from savegame.worker.safetensors_io import buffer_address
 
 MAX_SEGMENTS = 2
 SLACK = 1 << 16  # room for state.json and the metrics to grow without a new segment
@@ -35,6 +36,12 @@ class Segment:
     def status(self) -> Status:
         value = struct.unpack_from("<I", self.buffer, STATUS_AT)[0]
         return Status(value) if value in Status._value2member_map_ else Status.FAILED
+
+    @property
+    def address(self) -> int:
+        """Where the segment's first byte is in this process' memory."""
+        with memoryview(self.buffer) as view:
+            return buffer_address(view) or 0
 
     def set_status(self, status: Status) -> None:
         struct.pack_into("<I", self.buffer, STATUS_AT, status)
@@ -69,15 +76,18 @@ def create_segment(folder: str, slot: int, capacity: int) -> Segment:
 
 
 class SegmentSink:
-    """Writes a file's bytes into a segment from `offset` on (what write_safetensors writes to)."""
+    """Writes a file's bytes into a segment from `offset` on (what write_safetensors writes to).
+    Bytes already in place (a capture copied straight into the segment) are not copied again."""
 
     def __init__(self, segment: Segment, offset: int) -> None:
         self._buffer = segment.buffer
+        self._base = segment.address
         self.pos = offset
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        self._buffer[self.pos:self.pos + view.nbytes] = view
+        if buffer_address(view) != self._base + self.pos:
+            self._buffer[self.pos:self.pos + view.nbytes] = view
         self.pos += view.nbytes
         return view.nbytes
 

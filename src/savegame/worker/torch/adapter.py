@@ -1,7 +1,8 @@
 """PyTorch adapter: models, optimizers, schedulers, GradScalers, RNG states and the data position.
 
 Saving copies every tensor into one reusable host buffer (pinned when the state is on a GPU), so
-the training thread pays one memcpy; the buffer is written in the background. Restoring reads
+the training thread pays one memcpy; the buffer is written in the background. Under the
+shared-memory hand-over, CPU tensors are copied straight into the daemon's segment instead. Restoring reads
 straight into the model's own CPU tensors where it can, and into fresh CPU tensors otherwise;
 `load_state_dict` then moves them to the right device, so a GPU checkpoint loads on a CPU-only
 machine. Nothing is unpickled: tensors come from safetensors, everything else from JSON.
@@ -15,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from savegame.errors import ConfigError, CorruptCheckpoint
-from savegame.worker.adapter import Capture, CheckpointReader
+from savegame.worker.adapter import Capture, CheckpointReader, Reserve
 from savegame.worker.codec import Encoder, decode
 from savegame.worker.exits import warn_once
 from savegame.worker.safetensors_io import TensorBlob, TensorInfo
@@ -54,9 +55,13 @@ class TorchAdapter:
         return encoder.tensors, {"objects": skeleton, "rng": rng, "modules": modules}  # modules: what export takes
 
     def capture(self) -> Capture:
+        return self.capture_into(None)
+
+    def capture_into(self, reserve: Optional[Reserve]) -> Capture:
+        """capture(), with CPU tensors copied into the memory `reserve` lends (a shared-memory segment)."""
         tensors, state = self._encode()
-        blobs, fill, ready = self._buffers.plan(tensors)
-        return Capture(blobs=blobs, state=state, fill=fill, ready=ready)
+        blobs, fill, ready, reserved = self._buffers.plan(tensors, reserve)
+        return Capture(blobs=blobs, state=state, fill=fill, ready=ready, reserved=reserved)
 
     def capture_in_place(self) -> Capture:
         """For a save that training waits out (emergency, final): CPU tensors are written from their

@@ -12,7 +12,8 @@ import numpy
 import torch
 
 from savegame.errors import ConfigError
-from savegame.worker.safetensors_io import TensorBlob
+from savegame.worker.adapter import Reservation, Reserve
+from savegame.worker.safetensors_io import TensorBlob, TensorSpec
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -50,14 +51,16 @@ class HostBuffers:
 
     def copy(self, tensors: dict[str, torch.Tensor]) -> list[TensorBlob]:
         """Copy everything now; the blobs point into the host buffer."""
-        blobs, fill, _ready = self.plan(tensors)
+        blobs, fill, _ready, _reserved = self.plan(tensors)
         fill()
         return blobs
 
-    def plan(self, tensors: dict[str, torch.Tensor]) -> tuple[list[TensorBlob], Callable[[], None],
-                                                             Callable[[int], None]]:
-        """Lay the tensors out in the host buffer; return (blobs, fill, ready): `fill()` does the copy
-        (on the training thread), `ready(n)` waits until the first n bytes are copied (the writer)."""
+    def plan(self, tensors: dict[str, torch.Tensor], reserve: Optional[Reserve] = None
+             ) -> tuple[list[TensorBlob], Callable[[], None], Callable[[int], None], Optional[Reservation]]:
+        """Lay the tensors out in the host buffer; return (blobs, fill, ready, reserved): `fill()` does
+        the copy (on the training thread), `ready(n)` waits until the first n bytes are copied (the
+        writer). With `reserve`, CPU tensors go into the memory it lends (`reserved`, a shared-memory
+        segment) instead, and no host buffer is kept; GPU tensors keep the pinned buffer."""
         layout, offset = [], 0
         # Tensors whose sizes are multiples of 64 bytes first: the big copies then all start aligned
         # (a memcpy to a misaligned destination runs up to ~1.5x slower); the odd scalars go last.
@@ -68,19 +71,28 @@ class HostBuffers:
             layout.append((name, t.dtype, tuple(t.shape), offset, _nbytes(t)))
             offset += _nbytes(t)
         on_gpu = any(t.device.type == "cuda" for t in tensors.values())
-        if layout != self._layout or self._flat is None or self._pinned != on_gpu:
-            self._flat = None  # free the old buffer before taking a new one
-            self._flat = host_empty(offset, pin=on_gpu)
-            self._layout, self._pinned = layout, on_gpu
-        flat = self._flat.numpy()
+        on_cpu = all(t.device.type == "cpu" for t in tensors.values())
+        reserved = None
+        if reserve is not None and on_cpu and offset:  # the blobs' order is the file's: ask in it
+            reserved = reserve([TensorSpec(name, DTYPES[dtype], shape) for name, dtype, shape, _, _ in layout])
+        if reserved is not None:
+            self._flat, self._layout = None, []  # the segment is the copy: no host buffer besides it
+            dest = torch.frombuffer(reserved.data, dtype=torch.uint8)
+        else:
+            if layout != self._layout or self._flat is None or self._pinned != on_gpu:
+                self._flat = None  # free the old buffer before taking a new one
+                self._flat = host_empty(offset, pin=on_gpu)
+                self._layout, self._pinned = layout, on_gpu
+            dest = self._flat
+        flat = dest.numpy()
         blobs = [TensorBlob(name, DTYPES[dtype], shape, memoryview(flat[start:start + size]))
                  for name, dtype, shape, start, size in layout]
         progress = CopyProgress()
-        return blobs, lambda: self._fill(tensors, layout, progress), progress.wait_for
+        return blobs, lambda: self._fill(dest, tensors, layout, progress), progress.wait_for, reserved
 
-    def _fill(self, tensors: dict[str, torch.Tensor], layout: list, progress: "CopyProgress") -> None:
-        assert self._flat is not None
-        flat = self._flat.numpy()
+    def _fill(self, dest: torch.Tensor, tensors: dict[str, torch.Tensor], layout: list,
+              progress: "CopyProgress") -> None:
+        flat = dest.numpy()
         try:
             pieces = []
             for name, _dtype, _shape, start, size in layout:
@@ -90,11 +102,11 @@ class HostBuffers:
                 if src.device.type == "cpu":
                     pieces.append((flat[start:start + size], bytes_view(src).numpy()))
                 else:
-                    self._flat[start:start + size].copy_(bytes_view(src), non_blocking=True)
+                    dest[start:start + size].copy_(bytes_view(src), non_blocking=True)
             on_gpu = len(pieces) < len(layout)
             # With GPU tensors in the layout, the writer waits for everything (one synchronize);
             # CPU-only, it follows the copy chunk by chunk.
-            self._copy_cpu(pieces, None if on_gpu else progress)
+            self._copy_cpu(flat, pieces, None if on_gpu else progress)
             if on_gpu:
                 torch.cuda.synchronize()
             progress.done_all()
@@ -102,11 +114,12 @@ class HostBuffers:
             progress.fail(exc)
             raise
 
-    def _copy_cpu(self, pieces: list[tuple[numpy.ndarray, numpy.ndarray]], progress: Optional["CopyProgress"]) -> None:
+    def _copy_cpu(self, flat: numpy.ndarray, pieces: list[tuple[numpy.ndarray, numpy.ndarray]],
+                  progress: Optional["CopyProgress"]) -> None:
         """memcpy (numpy.copyto, ~2x torch's copy_ here) in COPY_CHUNK pieces, by this thread and
         helpers that each take the next piece (a helper on a busy core does not hold the others up).
         Pieces go in file order, and each reports when it is done, so the writer can follow."""
-        flat_start = self._flat.numpy().ctypes.data if self._flat is not None else 0
+        flat_start = flat.ctypes.data
         chunks = [(dst[i:i + COPY_CHUNK], src[i:i + COPY_CHUNK])
                   for dst, src in pieces for i in range(0, max(dst.nbytes, 1), COPY_CHUNK)]
         if progress is not None:

@@ -49,6 +49,7 @@ class ShardedTorchAdapter(TorchAdapter):
     """TorchAdapter's API (track, prepare_loader, ...) with sharded saves and resharding restores."""
 
     capture_in_place = None  # every save copies: the writer's collectives run in the background
+    capture_into = None  # a rank's part is not one file a segment could hold: its own host buffer
 
     def __init__(self, job: Job) -> None:
         super().__init__()
@@ -76,7 +77,7 @@ class ShardedTorchAdapter(TorchAdapter):
         # What this rank writes: its shards of every DTensor; the replicated tensors on rank 0 only.
         mine = {n: t for n, t in tensors.items() if isinstance(t, DTensor) or self.job.coordinator}
         local = {n: (t.to_local() if isinstance(t, DTensor) else t) for n, t in mine.items()}
-        blobs, fill, ready = self._buffers.plan(local)
+        blobs, fill, ready, _ = self._buffers.plan(local)
         rng = Encoder(lambda _: False).encode(_rng_bytes(), "torch_rng")
 
         def write(store: CheckpointStore, job: Any) -> CheckpointInfo:
