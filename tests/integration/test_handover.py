@@ -285,15 +285,18 @@ def with_fault(kind: str, trigger: Path, **extra: str) -> dict:
 
 def test_a_daemon_that_never_answers_does_not_hang_the_worker_which_commits_its_saves_itself(tmp_path):
     """The daemon cannot open the segments (out of file descriptors): they stay READY, unanswered.
-    After ANSWER_TIMEOUT_S without a word the worker commits each one itself, and the run ends."""
+    After ANSWER_TIMEOUT_S without a word the worker commits them itself and writes its later saves
+    in-process (a daemon that could not take one will not take the next), and the run ends."""
     run, trigger = tmp_path / "run", tmp_path / "fault"
     trigger.touch()
     daemon = Daemon(run, [WORKER, "--steps", "12", "--every", "4", "--sleep", "0"], ["--shared-memory"],
                     env=with_fault("open-segment", trigger, SAVEGAME_TEST_ANSWER_TIMEOUT="0.5")).start()
     assert daemon.wait(60) == 0, daemon.stderr[-3000:]
-    assert daemon.stderr.count("dropped a snapshot hand-over") >= 3
     assert "from shared memory" not in daemon.stderr  # not one committed by the daemon...
-    assert "no answer from the daemon" in daemon.stderr  # ...each by the worker, once it gave up waiting
+    # ...the first by the worker once it gave up waiting, the rest written in-process without waiting
+    assert daemon.stderr.count("saving in this process from now on") == 1, daemon.stderr[-3000:]
+    assert 1 <= daemon.stderr.count("no answer from the daemon") <= 2  # what the two segments held
+    assert 1 <= daemon.stderr.count("dropped a snapshot hand-over") <= 2
     assert committed_steps(run) == [4, 8, 12]
     for step in (4, 8, 12):
         verify_ok(run, step)

@@ -72,6 +72,7 @@ class HandoverWriter:
         self.last_persist_s: Optional[float] = None
         self._reserved: Optional[Segment] = None  # lent to a capture that has not been submitted yet
         self._tail = SLACK  # room for state.json and the meta after the tensors (the last save's, once known)
+        self._handing_over = True  # False once the daemon left a hand-over unanswered: saves are written here
 
     # -- the training thread --------------------------------------------------------------------
 
@@ -80,7 +81,7 @@ class HandoverWriter:
         the back-pressure rule), laid out as write_safetensors lays out this step's state.safetensors,
         so the capture's copy is the segment's and the writer thread only adds the header, state.json
         and the meta. None: the capture uses its own buffers (no shared memory, a job's rank)."""
-        if process_rank()[1] != 1:
+        if process_rank()[1] != 1 or not self._handing_over:
             return None
         self.make_room()
         self._unreserve()
@@ -129,7 +130,7 @@ class HandoverWriter:
     def _run(self, job: SaveJob, submitted: float) -> None:
         placed = _placed(job)
         try:
-            if not eligible(job) or not self._hand_over(job, submitted, placed):
+            if not self._handing_over or not eligible(job) or not self._hand_over(job, submitted, placed):
                 info = write_checkpoint(self._store, job)  # from the segment, when the capture lies there
                 self.last_persist_s = time.monotonic() - submitted
                 self._on_done(job, info, None)
@@ -280,12 +281,18 @@ class HandoverWriter:
         if not pending or now - self._progress < ANSWER_TIMEOUT_S:
             return
         self._progress = now  # the next look, one time limit from now
-        oldest = pending[0]
-        try:
-            self._write_here(oldest, f"no answer from the daemon for step {oldest.job.step} in "
-                                     f"{now - oldest.handed_at:.0f}s: committing it here", block=False)
-        except SegmentBusy:
-            log.info("step %d is being committed (its lock is held): waiting for the daemon", oldest.job.step)
+        for segment in pending:  # oldest first: the daemon works in that order
+            try:
+                self._write_here(segment, f"no answer from the daemon for step {segment.job.step} in "
+                                          f"{now - segment.handed_at:.0f}s: committing it here", block=False)
+            except SegmentBusy:
+                log.info("step %d is being committed (its lock is held): waiting for the daemon", segment.job.step)
+                return
+            if self._handing_over:
+                # A daemon that cannot take one hand-over will not take the next: without this, every
+                # save would wait out the time limit (with both segments busy, training too).
+                log.warning("the daemon takes no hand-over: saving in this process from now on")
+                self._handing_over = False
 
     def _daemon_committed(self, segment: Segment) -> None:
         job, segment.job = segment.job, None
