@@ -85,3 +85,21 @@ def test_the_bucket_keeps_its_best_across_restarts_and_serves_a_fresh_vm(tmp_pat
     assert fresh.wait() == 0, fresh.stderr
     assert "fetching step 10 from the mirror" in fresh.stderr
     assert policy_of(tmp_path / "vm2")["monitor"] == "loss"
+
+
+def test_a_script_that_never_calls_restore_still_tells_the_daemon_its_policy(tmp_path):
+    """A script that trains without ckpt.restore() (a mistake: it starts from scratch at every
+    restart) must still report its settings when it starts training, or the daemon never learns the
+    policy and never prunes: the disk fills. It is warned about the resume it skips."""
+    script = tmp_path / "no_restore.py"
+    script.write_text("import numpy as np, savegame\nw = np.zeros(1000, dtype=np.float32)\n"
+                      "c = savegame.Checkpointer(every_steps=2, keep_last=2)\nc.track(w=w)\n"
+                      "for _ in range(20):\n    w += 1\n    c.step()\nc.finish()\n")
+    run = tmp_path / "run"
+    first = Daemon(run, [str(script)]).start()
+    assert first.wait() == 0, first.stderr
+    assert committed_steps(run) == [18, 20]
+    assert policy_of(run)["keep"]["last"] == 2
+    second = Daemon(run, [str(script)]).start()  # the daemon resumes from step 20; the script ignores it
+    assert second.wait() == 0, second.stderr
+    assert "does not call restore()" in second.stderr

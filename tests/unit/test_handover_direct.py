@@ -100,3 +100,35 @@ def test_a_segment_lent_to_a_capture_that_never_reached_the_writer_is_free_again
     writer._segments[0].set_status(Status.COMMITTED)
     writer.wait()
     writer.close()
+
+
+def test_a_rendered_file_goes_into_the_segment_and_one_that_outgrows_its_room_is_written_here(tmp_path):
+    """Files a capture renders (Keras' .weights.h5) are handed over too: sized by the capture's
+    estimate, then by their last size; a file larger than its room is written in-process, once."""
+    from savegame.worker.adapter import Capture
+
+    writer, _adapter, store, folder, done = make(tmp_path)
+    payload = os.urandom(300_000)
+
+    def render(sink: Any) -> None:
+        for start in range(0, len(payload), 65536):
+            sink.write(payload[start:start + 65536])
+
+    capture = Capture(state={"x": 1}, files={"model.weights.h5": render}, file_bytes={"model.weights.h5": 1000})
+    writer.submit(job(capture, 4))  # the estimate is far too small
+    writer.wait()
+    assert writer._link.sent == [] and done == [(store.list()[-1], None)]  # written here, not handed over
+    capture = Capture(state={"x": 2}, files={"model.weights.h5": render}, file_bytes={"model.weights.h5": 1000})
+    writer.submit(job(capture, 8))  # sized by the last save's file now
+    writer.make_room()
+    (event, fields), = writer._link.sent
+    assert event == "snapshot" and fields["step"] == 8
+    fd = open_segment(folder, fields["segment"], os.getpid())  # the daemon's side
+    try:
+        info = persist(fd, store)
+    finally:
+        os.close(fd)
+    assert store.verify(info) == []
+    with open(os.path.join(info.path, "model.weights.h5"), "rb") as f:
+        assert f.read() == payload
+    assert {f.path for f in info.manifest.files} == {"state.safetensors", "state.json", "model.weights.h5"}

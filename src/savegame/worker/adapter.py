@@ -47,6 +47,9 @@ class Capture:
     # relpath -> a local file to copy in, or a function that the writer thread calls with the file's
     # sink to write its bytes in order (files built from the captured copies, e.g. Keras' .weights.h5)
     files: dict[str, Union[str, Callable[[Any], None]]] = field(default_factory=dict)
+    # relpath -> at least how many bytes a file written by a function above will take (sizes its
+    # shared-memory segment under the hand-over; a file that outgrows it is written in-process)
+    file_bytes: dict[str, int] = field(default_factory=dict)
     cleanup: Optional[Callable[[], None]] = None  # run after the write (e.g. remove a temp folder)
     # Pipelining: the training thread runs `fill()` after the job is handed to the writer (the copy
     # into the blobs' buffers), and the writer calls `ready(n)` before writing data bytes [0, n).

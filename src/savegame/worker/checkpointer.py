@@ -108,6 +108,7 @@ class Checkpointer:
         # True once the script works in epochs (epochs(), batches(), end_epoch(), the Keras callback): a
         # periodic save is only put off for an epoch end then; a plain step loop saves at exact steps.
         self.uses_epochs = False
+        self._announced = False  # "started" or "resumed" sent: the daemon has the script's settings
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class Checkpointer:
                          " (read from shared memory)" if where == "memory" else "")
                 self.narrator.resumed(info.step, self.progress.epoch, self.progress.batch_in_epoch,
                                       self._monitor_name, self.best)
+                self._announced = True
                 self._report("resumed", policy=explicit_for_worker(self.config), read_from=where)
                 return info
         finally:
@@ -179,6 +181,7 @@ class Checkpointer:
             raise CorruptCheckpoint(f"no checkpoint in {self.dir} could be loaded, and a damaged one was already "
                                     "partly read into the model, so it cannot start from scratch either; move the "
                                     f"damaged checkpoints away (see `savegame verify {self.dir}`) and start again")
+        self._announced = True
         self._report("started", policy=explicit_for_worker(self.config))
         return None
 
@@ -234,11 +237,22 @@ class Checkpointer:
         handles = self._requests.install() if self._handle_signals else []
         if self.supervised:
             self._link.hello(handles)  # the daemon's lock, inherited, keeps other writers off the folder
+            if not self._announced:
+                self._started_without_restore()
         elif self._coordinator():  # of a job's ranks, rank 0 holds the folder and stores the policy
             self._lock_fd = self._lock_folder()
             self._store_policy()
         if self._cadence is not None:
             self._reschedule(self._cadence.update())  # from the costs a resumed checkpoint brought, if any
+
+    def _started_without_restore(self) -> None:
+        """The script trains without having called restore(): the daemon still needs its settings (no
+        retention runs without them: the disk would fill), and the user to hear of the skipped resume."""
+        chosen = os.environ.get(protocol.ENV_RESUME_FROM, "")
+        if chosen:
+            say(f"this script does not call restore() before training, so it starts from scratch "
+                f"although {chosen} could be resumed from; call ckpt.restore() after ckpt.track(...)")
+        self._report("started", policy=explicit_for_worker(self.config))
 
     def _coordinator(self) -> bool:
         """This process alone, or rank 0 of a torch.distributed job."""

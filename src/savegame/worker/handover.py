@@ -16,12 +16,13 @@ lock keeps the two from both committing it): nothing handed over is lost.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from savegame import protocol
 from savegame.snapshot.layout import PAGE, FileSpan, SnapshotMeta, Status, round_up
@@ -42,12 +43,15 @@ ANNOUNCE_TIMEOUT_S = 5.0
 # A READY segment unanswered this long, and no sign of the daemon at work on our segments (an answer,
 # a hand-over, a segment's lock held): the daemon will not take it (it could not open it), commit it here.
 ANSWER_TIMEOUT_S = 30.0
+META_PER_FILE = 1024  # the meta's room for each rendered file's entry (path, offset, length)
 Done = Callable[[SaveJob, Optional[CheckpointInfo], Optional[BaseException]], None]
 
 
 def eligible(job: SaveJob) -> bool:
-    """Plain tensors + JSON of a single-process worker: what a segment holds."""
-    return job.capture.write is None and not job.capture.files and process_rank()[1] == 1
+    """Tensors, JSON and files rendered from the capture (Keras' .weights.h5) of a single-process
+    worker: what a segment holds. Files already on disk (TensorFlow's) would only make a round trip."""
+    return (job.capture.write is None and all(callable(source) for source in job.capture.files.values())
+            and process_rank()[1] == 1)
 
 
 class HandoverWriter:
@@ -72,6 +76,7 @@ class HandoverWriter:
         self.last_persist_s: Optional[float] = None
         self._reserved: Optional[Segment] = None  # lent to a capture that has not been submitted yet
         self._tail = SLACK  # room for state.json and the meta after the tensors (the last save's, once known)
+        self._file_sizes: dict[str, int] = {}  # the last size of each rendered file (sizes the next segment)
         self._handing_over = True  # False once the daemon left a hand-over unanswered: saves are written here
 
     # -- the training thread --------------------------------------------------------------------
@@ -132,6 +137,7 @@ class HandoverWriter:
         try:
             if not self._handing_over or not eligible(job) or not self._hand_over(job, submitted, placed):
                 info = write_checkpoint(self._store, job)  # from the segment, when the capture lies there
+                self._file_sizes.update({f.path: f.bytes for f in info.manifest.files if f.path in job.capture.files})
                 self.last_persist_s = time.monotonic() - submitted
                 self._on_done(job, info, None)
         except BaseException as exc:  # reported to the training thread through on_done
@@ -153,8 +159,11 @@ class HandoverWriter:
                  FileSpan(STATE_FILE, PAGE + round_up(tensor_bytes), len(state)))
         meta = SnapshotMeta(job.step, job.epoch, job.reason, dict(job.metrics), job.framework, job.run_id,
                             job.resumed_from, files)
-        meta_offset = files[1].offset + round_up(len(state))
-        required = meta_offset + len(meta.to_json())
+        rendered = list(job.capture.files.items())  # functions that write a file in order (Keras' .weights.h5)
+        after_state = files[1].offset + round_up(len(state))
+        room = sum(round_up(self._room_for(job, path)) for path, _write in rendered)
+        meta_room = len(meta.to_json()) + META_PER_FILE * len(rendered)
+        required = after_state + room + meta_room
         self._tail = max(SLACK, required - files[1].offset)  # what the next reservation leaves after the tensors
         segment = placed if placed is not None else self._free_segment(required)
         if segment is None:
@@ -175,6 +184,7 @@ class HandoverWriter:
             if written != tensor_bytes:
                 raise ValueError(f"rendered {written} bytes of {TENSORS_FILE}, planned {tensor_bytes}")
             SegmentSink(segment, files[1].offset).write(state)
+            meta, meta_offset = self._render_files(segment, meta, rendered, after_state, meta_room)
             self._seq += 1
             with self._lock:  # from here on the training thread's reaping may see it
                 segment.job, segment.handed_at, segment.seq = job, submitted, self._seq
@@ -194,6 +204,24 @@ class HandoverWriter:
                 if segment.job is job:  # (unless the reaping found the daemon gone and wrote it already)
                     self._write_here(segment)  # nobody will take it: commit it from the segment ourselves
         return True
+
+    def _room_for(self, job: SaveJob, path: str) -> int:
+        """Room for a rendered file: its last size (with a margin) or the capture's estimate."""
+        last = self._file_sizes.get(path)
+        return max(job.capture.file_bytes.get(path, 0), last + last // 16 + SLACK if last is not None else 0, SLACK)
+
+    def _render_files(self, segment: Segment, meta: SnapshotMeta, rendered: list[tuple[str, Any]], offset: int,
+                      meta_room: int) -> tuple[SnapshotMeta, int]:
+        """Write each rendered file into the segment after state.json; the meta that lists them, and
+        where it goes. A file that outgrows the segment fails the render (then written in-process)."""
+        spans = list(meta.files)
+        for path, write in rendered:
+            sink = SegmentSink(segment, offset, limit=segment.capacity - meta_room)
+            write(sink)
+            spans.append(FileSpan(path, offset, sink.pos - offset))
+            self._file_sizes[path] = sink.pos - offset
+            offset = round_up(sink.pos)
+        return dataclasses.replace(meta, files=tuple(spans)), offset
 
     def _unreserve(self, keep: Optional[Segment] = None) -> None:
         """A segment lent to a capture that never came to the writer (it failed) is free again."""

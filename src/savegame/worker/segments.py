@@ -79,13 +79,16 @@ class SegmentSink:
     """Writes a file's bytes into a segment from `offset` on (what write_safetensors writes to).
     Bytes already in place (a capture copied straight into the segment) are not copied again."""
 
-    def __init__(self, segment: Segment, offset: int) -> None:
+    def __init__(self, segment: Segment, offset: int, limit: Optional[int] = None) -> None:
         self._buffer = segment.buffer
         self._base = segment.address
         self.pos = offset
+        self._limit = segment.capacity if limit is None else limit
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
+        if self.pos + view.nbytes > self._limit:
+            raise ValueError(f"the file outgrows its room in the segment ({self._limit} bytes)")
         if buffer_address(view) != self._base + self.pos:
             self._buffer[self.pos:self.pos + view.nbytes] = view
         self.pos += view.nbytes

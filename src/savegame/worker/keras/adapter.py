@@ -110,7 +110,11 @@ class KerasAdapter:
         name = WEIGHTS_FILE if config is None else KERAS_FILE
         state = {"file": name, "backend": keras.backend.backend(), "extras": described,
                  "layout": _layout_keys(layout)}
-        return Capture(blobs=blobs, state=state, files={name: _file_writer(entries, config)})
+        # The file holds every copy plus HDF5's structure (a page of alignment at most per dataset, groups,
+        # attributes, the model's config): an estimate on the large side, for the hand-over's segment.
+        estimate = sum(a.nbytes + 4096 for a in copies) + (1 << 20) + sum(map(len, config or ()))
+        return Capture(blobs=blobs, state=state, files={name: _file_writer(entries, config)},
+                       file_bytes={name: estimate})
 
     def _require_model(self) -> Any:
         if self.model is None:
