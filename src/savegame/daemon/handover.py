@@ -28,6 +28,7 @@ from savegame.snapshot.kept import KEPT_NAME, kept_name
 from savegame.snapshot.layout import SEGMENT_NAME, Status
 from savegame.snapshot.persist import CHUNK, SegmentBusy, control_at, open_segment, persist, ready_step
 from savegame.storage import CheckpointInfo, CheckpointStore
+from savegame.storage.direct import yield_to_training
 
 log = logging.getLogger("savegame")
 
@@ -37,7 +38,8 @@ class SnapshotTaker:
                  enabled: bool = True, wake: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self._buffer: Optional[mmap.mmap] = None  # page-aligned, reused from commit to commit
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-commit")
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-commit",
+                                             initializer=yield_to_training)
         self._pending: collections.deque[Future[Optional[dict[str, Any]]]] = collections.deque()
         self._wake = wake  # tells the daemon's loop a commit is done
         self.dropped = 0

@@ -12,6 +12,17 @@ from typing import Any, Optional
 DIRECT_ALIGN = 4096  # file offsets, lengths and memory addresses of O_DIRECT writes
 DIRECT_MIN = 1 << 20  # aligned writes at least this large skip the bounce buffer
 BOUNCE_BYTES = 8 << 20
+WRITER_NICENESS = 10
+
+
+def yield_to_training() -> None:
+    """Persisting may take longer; training must not slow down. A lower priority for the thread that
+    writes checkpoints (and the checksum thread it starts, which inherits it: the worker's writer, the
+    daemon's committer) leaves the cores to training."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):
+        pass
 
 
 def buffer_address(view: memoryview) -> Optional[int]:

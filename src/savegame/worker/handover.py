@@ -28,13 +28,13 @@ from savegame import protocol
 from savegame.snapshot.layout import PAGE, FileSpan, SnapshotMeta, Status, round_up
 from savegame.snapshot.persist import SegmentBusy, claim, commit_claimed  # the daemon's code: identical bytes
 from savegame.storage import CheckpointInfo, CheckpointStore
+from savegame.storage.direct import yield_to_training
 from savegame.worker.adapter import STATE_FILE, TENSORS_FILE, Reservation
 from savegame.worker.link import DaemonLink, daemon_alive, process_rank
 from savegame.worker.safetensors_io import TensorSpec, buffer_address, encode_header, write_safetensors
 from savegame.worker.segments import (MAX_SEGMENTS, SLACK, Segment, SegmentSink, capacity_for, create_segment,
                                       publish)
-from savegame.worker.writer import (DIRECT_ALIGN, SaveJob, _yield_to_training, state_bytes, tensors_metadata,
-                                    write_checkpoint)
+from savegame.worker.writer import DIRECT_ALIGN, SaveJob, state_bytes, tensors_metadata, write_checkpoint
 
 log = logging.getLogger("savegame.worker")
 POLL_S = 0.002
@@ -65,7 +65,7 @@ class HandoverWriter:
         self._on_done = on_done  # saves this process wrote (or failed to)
         self._on_daemon_commit = on_daemon_commit  # saves the daemon committed (it already knows)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-handover",
-                                        initializer=_yield_to_training)
+                                        initializer=yield_to_training)
         self._inflight: Optional[Future[None]] = None
         self._segments: list[Optional[Segment]] = [None] * MAX_SEGMENTS
         self._lock = threading.Lock()  # reaping runs on the writer and on the training thread

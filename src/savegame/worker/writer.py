@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 from savegame.storage import CheckpointInfo, CheckpointStore, StagedCheckpoint
 from savegame.storage.checksum import CHUNK
 from savegame.storage.direct import DIRECT_ALIGN, DIRECT_MIN, DirectWrites  # noqa: F401 - its writers' names
+from savegame.storage.direct import yield_to_training
 from savegame.worker.adapter import STATE_FILE, TENSORS_FILE, Capture
 from savegame.worker.safetensors_io import write_safetensors
 
@@ -74,18 +75,6 @@ def _copy_in(staged: StagedCheckpoint, relpath: str, local: str) -> None:
             dst.write(view[:n])
 
 
-WRITER_NICENESS = 10
-
-
-def _yield_to_training() -> None:
-    """Persisting may take longer; training must not slow down. A lower priority for the writer
-    thread (and the checksum thread it starts, which inherits it) leaves the cores to training."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-    except (AttributeError, OSError):
-        pass
-
-
 class BackgroundWriter:
     """One writer thread; `submit` first waits for the save in flight."""
 
@@ -94,7 +83,7 @@ class BackgroundWriter:
         self._store = store
         self._on_done = on_done
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-writer",
-                                        initializer=_yield_to_training)
+                                        initializer=yield_to_training)
         self._inflight: Optional[Future[None]] = None
         self.inflight_step: Optional[int] = None
         self.last_persist_s: Optional[float] = None  # submit -> commit of the last save that committed
