@@ -261,6 +261,42 @@ def test_a_damaged_copy_in_shared_memory_is_never_loaded_the_restart_reads_disk(
     verify_ok(run, step)
 
 
+NEVER_RESTORES = """
+import os, signal, sys, time
+import numpy
+import savegame
+weights = numpy.zeros(1 << 18, dtype=numpy.float32)
+ckpt = savegame.Checkpointer(every_steps=1)
+ckpt.track(weights=weights)
+ckpt.start_training()  # restore() is never called: every attempt starts fresh
+for _ in range(3):
+    weights += 1
+    ckpt.step()
+ckpt.flush()
+if os.environ["SAVEGAME_ATTEMPT"] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)  # dies with its segments committed: the daemon keeps one
+print("training", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+ckpt.finish()
+"""
+
+
+def test_a_worker_that_never_restores_does_not_keep_the_copy_in_shared_memory_alive(tmp_path):
+    """A script that never calls restore() never says resumed or started: the kept copy must still go
+    once it trains (its hello), or it would hold a third state-sized file beside the worker's two."""
+    script, run, done = tmp_path / "never_restores.py", tmp_path / "run", tmp_path / "done"
+    script.write_text(NEVER_RESTORES)
+    daemon = Daemon(run, [str(script), str(done)], ["--shared-memory", *fast_backoff(tmp_path)]).start()
+    folder = folder_for(str(run))
+    wait_until(lambda: "training" in daemon.stdout, 60)
+    try:
+        wait_until(lambda: not kept_files(folder), 5)
+    finally:
+        done.touch()
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+
+
 def test_after_a_killed_daemon_the_next_one_resumes_from_the_copy_in_shared_memory(tmp_path):
     """The same host, daemon and worker SIGKILLed (an OOM kill of the service, say): /dev/shm outlives
     them, and the next daemon's worker loads the newest checkpoint from RAM."""

@@ -291,10 +291,12 @@ class Supervisor:
         self.ranks.note(event)
         if kind in HEARTBEAT_EVENTS:
             self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
-        if kind in ("started", "resumed"):
-            self.snapshots.release_kept()  # loaded (or not wanted): its memory goes back
-            if isinstance(event.get("policy"), dict):
-                self.startup.adopt_worker_policy(event["policy"])
+        if kind in ("started", "resumed", protocol.EVENT_HELLO):
+            # Loaded, not wanted, or training without ever calling restore() (hello comes after any
+            # restore): its memory goes back before the worker's own segments take theirs.
+            self.snapshots.release_kept()
+        if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
+            self.startup.adopt_worker_policy(event["policy"])
         if kind == "resumed" and number(event, "resumed_from") is not None:
             self.loaded_step = int(number(event, "resumed_from"))  # type: ignore[arg-type]
             if event.get("read_from") == "memory":
