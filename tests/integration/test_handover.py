@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TESTS, Daemon, clean_env, committed_steps, savegame, wait_until
+from helpers import TESTS, Daemon, clean_env, committed_steps, counter, savegame, wait_until
 from savegame.snapshot.folder import SHM_ROOT, folder_for
 from savegame.snapshot.layout import CONTROL, SEGMENT_NAME, Status
 
@@ -422,6 +422,36 @@ def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_pat
     assert 4 in steps and "from shared memory" in daemon.stderr
     for step in steps:
         verify_ok(run, step)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_long_commit_past_the_hang_limit_does_not_spin_the_daemon_s_loop(tmp_path):
+    """The worker dies while the daemon commits its hand-over (4 s, injected); once it has been silent
+    past the hang limit, hang detection waits for the commit, and the loop must sleep meanwhile (a
+    deadline already past made it poll without pause: a core spun for the rest of the commit)."""
+    trigger, run = tmp_path / "slow", tmp_path / "run"
+    trigger.touch()
+    daemon = Daemon(run, counter("--steps", 100000, "--every", 4, "--sleep", 0.01),
+                    ["--shared-memory", "--hang-timeout", "2.5", *fast_backoff(tmp_path)],
+                    env=with_fault("slow-commit", trigger)).start()
+    worker = daemon.worker_pid()
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    os.kill(worker, signal.SIGKILL)
+    time.sleep(2.7)  # past the hang limit, inside the commit
+    before = cpu_seconds(daemon.proc.pid)
+    time.sleep(1.0)
+    used = cpu_seconds(daemon.proc.pid) - before
+    assert os.path.exists(f"{trigger}.committing")
+    trigger.unlink()
+    daemon.signal(signal.SIGTERM)
+    daemon.wait(60)
+    assert used < 0.3, f"the daemon used {used:.2f}s of CPU in 1s of waiting for a commit"
+    assert "committed step 4 (periodic) from shared memory" in daemon.stderr, daemon.stderr[-3000:]
 
 
 MEMORY_WORKER = str(TESTS / "workers" / "memory_worker.py")

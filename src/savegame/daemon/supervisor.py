@@ -188,7 +188,9 @@ class Supervisor:
         deadlines = list(self.timers.values())
         if self.notifier.watchdog_interval_s:
             deadlines.append(self.house.watchdog_at + self.notifier.watchdog_interval_s)
-        if self.hang.limit_s and self.machine.state == m.State.RUNNING:
+        if self.hang.limit_s and self.machine.state == m.State.RUNNING and not self.snapshots.committing:
+            # (while a commit is under way _check_hang waits: a deadline past would spin the loop; the
+            # commit's end wakes it)
             deadlines.append(self.last_event_mono + self.hang.limit_s)
         soonest = min(deadlines, default=time.monotonic() + 1.0)
         return max(0.0, min(soonest - time.monotonic(), 1.0))
