@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -451,6 +452,56 @@ def test_a_long_commit_past_the_hang_limit_does_not_spin_the_daemon_s_loop(tmp_p
     daemon.signal(signal.SIGTERM)
     daemon.wait(60)
     assert used < 0.3, f"the daemon used {used:.2f}s of CPU in 1s of waiting for a commit"
+    assert "committed step 4 (periodic) from shared memory" in daemon.stderr, daemon.stderr[-3000:]
+
+
+def spawn_with_pid(pid: int) -> Optional[subprocess.Popen]:
+    """A `sleep` that gets process id `pid` (a recycled one), by setting the kernel's last pid; None
+    where that cannot be done (not root, or another process took it first every time)."""
+    for _ in range(50):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(["sleep", "60"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def test_a_dead_worker_s_recycled_pid_gets_no_signal_while_its_hand_over_is_committed(tmp_path):
+    """A dead worker is handled once its hand-overs are committed; meanwhile its process id, already
+    reaped, may go to another process. A stop (SIGTERM, then the grace's SIGKILL) in that time must
+    not reach that process."""
+    trigger, run = tmp_path / "slow", tmp_path / "run"
+    trigger.touch()
+    config = tmp_path / "grace.toml"
+    config.write_text("grace = 0.5\n")
+    daemon = Daemon(run, counter("--steps", 100000, "--every", 4, "--sleep", 0.01),
+                    ["--shared-memory", "--config", str(config)], env=with_fault("slow-commit", trigger)).start()
+    worker = daemon.worker_pid()
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 5)  # reaped by the daemon, its commit goes on
+    impostor = spawn_with_pid(worker)
+    if impostor is None:
+        trigger.unlink()
+        daemon.signal(signal.SIGTERM)
+        daemon.wait(60)
+        pytest.skip("cannot make a process of a given pid here (needs root)")
+    try:
+        daemon.signal(signal.SIGTERM)  # asks "the worker" for an emergency checkpoint; the grace then runs out
+        time.sleep(1.5)
+        assert os.path.exists(f"{trigger}.committing")  # still within the commit
+        assert impostor.poll() is None, f"process {worker}, not the worker, got signal {-impostor.returncode}"
+    finally:
+        impostor.kill()
+        impostor.wait()
+        with contextlib.suppress(FileNotFoundError):
+            trigger.unlink()
+    daemon.wait(60)
     assert "committed step 4 (periodic) from shared memory" in daemon.stderr, daemon.stderr[-3000:]
 
 
