@@ -425,6 +425,45 @@ def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_pat
         verify_ok(run, step)
 
 
+def test_a_hand_over_left_unannounced_by_a_dead_worker_is_committed_beside_the_loop_too(tmp_path):
+    """The worker is SIGKILLed the instant its segment is READY, before it sends the event: the
+    daemon finds the segment when it sees the worker dead. That commit (4 s, injected) must not
+    block the loop either: systemd's watchdog pings go on, and the restart resumes from that step."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.05)
+    trigger, run = tmp_path / "slow", tmp_path / "run"
+    trigger.touch()
+    env = with_fault("unannounced", trigger, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
+    daemon = Daemon(run, counter("--steps", 100000, "--every", 4, "--sleep", 0.01),
+                    ["--shared-memory", *fast_backoff(tmp_path)], env=env).start()
+    messages: list[str] = []
+
+    def collect() -> None:
+        with contextlib.suppress(socket.timeout, BlockingIOError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+
+    try:
+        wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+        collect()
+        before = sum("WATCHDOG=1" in m for m in messages)
+        time.sleep(2.0)  # inside the commit of the unannounced segment
+        assert os.path.exists(f"{trigger}.committing")
+        collect()
+        pings = sum("WATCHDOG=1" in m for m in messages) - before
+        assert pings >= 4, f"{pings} watchdog pings in 2 s of committing a dead worker's segment"
+        trigger.unlink()
+        wait_until(lambda: "resumed from step 4" in daemon.stderr, 60)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    finally:
+        daemon.kill()
+        sock.close()
+    assert "committed step 4 (periodic) from shared memory" in daemon.stderr, daemon.stderr[-3000:]
+    verify_ok(run, 4)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -370,7 +370,7 @@ class Supervisor:
         if status is None:
             return
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
-        if self.snapshots.committing:
+        if self.snapshots.committing or self.snapshots.submit_unannounced():
             return  # handled once what it handed over is committed (the loop goes on meanwhile)
         self._exit_reported = True
         for committed in self.snapshots.worker_gone():  # made READY, killed before it could say so
