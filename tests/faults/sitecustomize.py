@@ -9,7 +9,9 @@ names is injected:
 - `render`: the worker's next rendering of a save into a segment fails part-way (once: the file is
   removed);
 - `slow-commit`: each commit of a snapshot segment by the daemon takes 4 s more (a big state on a
-  slow disk), with `<trigger>.committing` existing while it does.
+  slow disk), with `<trigger>.committing` existing while it does;
+- `unannounced`: `slow-commit` in the daemon, and the worker's first attempt SIGKILLs itself the
+  instant its first segment is READY, before it can send the `snapshot` event.
 
 SAVEGAME_TEST_ANSWER_TIMEOUT, when set, replaces the worker's ANSWER_TIMEOUT_S (seconds).
 """
@@ -97,6 +99,22 @@ def _slow_down_commits() -> None:
     handover.persist = slow_persist
 
 
+def _die_unannounced() -> None:
+    import signal
+
+    from savegame.worker import handover
+
+    publish = handover.publish
+
+    def publish_then_die(segment, *args, **kwargs):
+        publish(segment, *args, **kwargs)
+        if _armed() and os.environ.get("SAVEGAME_ATTEMPT") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    handover.publish = publish_then_die
+    _slow_down_commits()
+
+
 if os.environ.get("SAVEGAME_TEST_ANSWER_TIMEOUT"):
     from savegame.worker import handover as _handover
 
@@ -104,4 +122,4 @@ if os.environ.get("SAVEGAME_TEST_ANSWER_TIMEOUT"):
 
 if TRIGGER:
     {"event": _break_event_handling, "open-segment": _break_segment_opening, "render": _break_one_render,
-     "slow-commit": _slow_down_commits}[KIND]()
+     "slow-commit": _slow_down_commits, "unannounced": _die_unannounced}[KIND]()

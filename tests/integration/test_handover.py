@@ -15,10 +15,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
-from helpers import TESTS, Daemon, clean_env, committed_steps, savegame, wait_until
+from helpers import TESTS, Daemon, clean_env, committed_steps, counter, savegame, wait_until
 from savegame.snapshot.folder import SHM_ROOT, folder_for
 from savegame.snapshot.layout import CONTROL, SEGMENT_NAME, Status
 
@@ -261,6 +262,42 @@ def test_a_damaged_copy_in_shared_memory_is_never_loaded_the_restart_reads_disk(
     verify_ok(run, step)
 
 
+NEVER_RESTORES = """
+import os, signal, sys, time
+import numpy
+import savegame
+weights = numpy.zeros(1 << 18, dtype=numpy.float32)
+ckpt = savegame.Checkpointer(every_steps=1)
+ckpt.track(weights=weights)
+ckpt.start_training()  # restore() is never called: every attempt starts fresh
+for _ in range(3):
+    weights += 1
+    ckpt.step()
+ckpt.flush()
+if os.environ["SAVEGAME_ATTEMPT"] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)  # dies with its segments committed: the daemon keeps one
+print("training", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+ckpt.finish()
+"""
+
+
+def test_a_worker_that_never_restores_does_not_keep_the_copy_in_shared_memory_alive(tmp_path):
+    """A script that never calls restore() never says resumed or started: the kept copy must still go
+    once it trains (its hello), or it would hold a third state-sized file beside the worker's two."""
+    script, run, done = tmp_path / "never_restores.py", tmp_path / "run", tmp_path / "done"
+    script.write_text(NEVER_RESTORES)
+    daemon = Daemon(run, [str(script), str(done)], ["--shared-memory", *fast_backoff(tmp_path)]).start()
+    folder = folder_for(str(run))
+    wait_until(lambda: "training" in daemon.stdout, 60)
+    try:
+        wait_until(lambda: not kept_files(folder), 5)
+    finally:
+        done.touch()
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+
+
 def test_after_a_killed_daemon_the_next_one_resumes_from_the_copy_in_shared_memory(tmp_path):
     """The same host, daemon and worker SIGKILLed (an OOM kill of the service, say): /dev/shm outlives
     them, and the next daemon's worker loads the newest checkpoint from RAM."""
@@ -389,6 +426,125 @@ def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_pat
     assert 4 in steps and "from shared memory" in daemon.stderr
     for step in steps:
         verify_ok(run, step)
+
+
+def test_a_hand_over_left_unannounced_by_a_dead_worker_is_committed_beside_the_loop_too(tmp_path):
+    """The worker is SIGKILLed the instant its segment is READY, before it sends the event: the
+    daemon finds the segment when it sees the worker dead. That commit (4 s, injected) must not
+    block the loop either: systemd's watchdog pings go on, and the restart resumes from that step."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.05)
+    trigger, run = tmp_path / "slow", tmp_path / "run"
+    trigger.touch()
+    env = with_fault("unannounced", trigger, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
+    daemon = Daemon(run, counter("--steps", 100000, "--every", 4, "--sleep", 0.01),
+                    ["--shared-memory", *fast_backoff(tmp_path)], env=env).start()
+    messages: list[str] = []
+
+    def collect() -> None:
+        with contextlib.suppress(socket.timeout, BlockingIOError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+
+    try:
+        wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+        collect()
+        before = sum("WATCHDOG=1" in m for m in messages)
+        time.sleep(2.0)  # inside the commit of the unannounced segment
+        assert os.path.exists(f"{trigger}.committing")
+        collect()
+        pings = sum("WATCHDOG=1" in m for m in messages) - before
+        assert pings >= 4, f"{pings} watchdog pings in 2 s of committing a dead worker's segment"
+        trigger.unlink()
+        wait_until(lambda: "resumed from step 4" in daemon.stderr, 60)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    finally:
+        daemon.kill()
+        sock.close()
+    assert "committed step 4 (periodic) from shared memory" in daemon.stderr, daemon.stderr[-3000:]
+    verify_ok(run, 4)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_long_commit_past_the_hang_limit_does_not_spin_the_daemon_s_loop(tmp_path):
+    """The worker dies while the daemon commits its hand-over (4 s, injected); once it has been silent
+    past the hang limit, hang detection waits for the commit, and the loop must sleep meanwhile (a
+    deadline already past made it poll without pause: a core spun for the rest of the commit)."""
+    trigger, run = tmp_path / "slow", tmp_path / "run"
+    trigger.touch()
+    daemon = Daemon(run, counter("--steps", 100000, "--every", 4, "--sleep", 0.01),
+                    ["--shared-memory", "--hang-timeout", "2.5", *fast_backoff(tmp_path)],
+                    env=with_fault("slow-commit", trigger)).start()
+    worker = daemon.worker_pid()
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    os.kill(worker, signal.SIGKILL)
+    time.sleep(2.7)  # past the hang limit, inside the commit
+    before = cpu_seconds(daemon.proc.pid)
+    time.sleep(1.0)
+    used = cpu_seconds(daemon.proc.pid) - before
+    assert os.path.exists(f"{trigger}.committing")
+    trigger.unlink()
+    daemon.signal(signal.SIGTERM)
+    daemon.wait(60)
+    assert used < 0.3, f"the daemon used {used:.2f}s of CPU in 1s of waiting for a commit"
+    assert "committed step 4 (periodic) from shared memory" in daemon.stderr, daemon.stderr[-3000:]
+
+
+def spawn_with_pid(pid: int) -> Optional[subprocess.Popen]:
+    """A `sleep` that gets process id `pid` (a recycled one), by setting the kernel's last pid; None
+    where that cannot be done (not root, or another process took it first every time)."""
+    for _ in range(50):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(["sleep", "60"])
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def test_a_dead_worker_s_recycled_pid_gets_no_signal_while_its_hand_over_is_committed(tmp_path):
+    """A dead worker is handled once its hand-overs are committed; meanwhile its process id, already
+    reaped, may go to another process. A stop (SIGTERM, then the grace's SIGKILL) in that time must
+    not reach that process."""
+    trigger, run = tmp_path / "slow", tmp_path / "run"
+    trigger.touch()
+    config = tmp_path / "grace.toml"
+    config.write_text("grace = 0.5\n")
+    daemon = Daemon(run, counter("--steps", 100000, "--every", 4, "--sleep", 0.01),
+                    ["--shared-memory", "--config", str(config)], env=with_fault("slow-commit", trigger)).start()
+    worker = daemon.worker_pid()
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 5)  # reaped by the daemon, its commit goes on
+    impostor = spawn_with_pid(worker)
+    if impostor is None:
+        trigger.unlink()
+        daemon.signal(signal.SIGTERM)
+        daemon.wait(60)
+        pytest.skip("cannot make a process of a given pid here (needs root)")
+    try:
+        daemon.signal(signal.SIGTERM)  # asks "the worker" for an emergency checkpoint; the grace then runs out
+        time.sleep(1.5)
+        assert os.path.exists(f"{trigger}.committing")  # still within the commit
+        assert impostor.poll() is None, f"process {worker}, not the worker, got signal {-impostor.returncode}"
+    finally:
+        impostor.kill()
+        impostor.wait()
+        with contextlib.suppress(FileNotFoundError):
+            trigger.unlink()
+    daemon.wait(60)
+    assert "committed step 4 (periodic) from shared memory" in daemon.stderr, daemon.stderr[-3000:]
 
 
 MEMORY_WORKER = str(TESTS / "workers" / "memory_worker.py")

@@ -132,3 +132,33 @@ def test_a_rendered_file_goes_into_the_segment_and_one_that_outgrows_its_room_is
     with open(os.path.join(info.path, "model.weights.h5"), "rb") as f:
         assert f.read() == payload
     assert {f.path for f in info.manifest.files} == {"state.safetensors", "state.json", "model.weights.h5"}
+
+
+def test_a_disk_error_while_the_worker_commits_a_segment_itself_is_reported_as_it_is(tmp_path, monkeypatch):
+    """The worker commits a segment itself (the daemon refused it, is gone, or never answered) with a
+    buffer of its own: a write that fails part-way must surface as that error (a full disk), not as
+    the BufferError of closing a buffer the error's traceback still holds views of."""
+    import errno
+
+    from savegame.snapshot.persist import commit_claimed
+    from savegame.storage import direct as direct_io
+
+    writer, adapter, store, folder, done = make(tmp_path)
+    capture = adapter.capture_into(lambda specs: writer.reserve(specs, 12))
+    segment = capture.reserved.owner
+    writer.submit(job(capture, 12))
+    writer.make_room()
+    assert segment.status == Status.READY
+    send = direct_io.DirectWrites._send
+
+    def full_disk(self, view, direct):  # the disk is full when the tensors' bytes are sent
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct_io.DirectWrites, "_send", full_disk)
+    with pytest.raises(OSError) as raised:
+        commit_claimed(segment.fd, store)  # as HandoverWriter._write_here does: no buffer given
+    assert raised.value.errno == errno.ENOSPC, raised.value
+    assert segment.status == Status.FAILED
+    monkeypatch.setattr(direct_io.DirectWrites, "_send", send)
+    segment.job = None
+    writer.close()

@@ -45,6 +45,7 @@ class SnapshotTaker:
         self.dropped = 0
         self.folder: Optional[str] = None
         self.kept: Optional[tuple[int, str]] = None  # (step, path): a checkpoint kept in RAM for the next worker
+        self._submitted: set[str] = set()  # a dead worker's unannounced segments given to the committer
         if enabled or os.path.lexists(shm.folder_for(run_dir, root, node)):
             self.folder = shm.prepare_folder(run_dir, root, node)
         if self.folder is not None:  # what a killed daemon left: the READY ones are committed, then all go
@@ -136,6 +137,7 @@ class SnapshotTaker:
         committed = self.drain() + self.salvage()
         self.kept = self._keep_newest() if keep else None
         shm.clear(self.folder, keep=self.kept[1] if self.kept else None)
+        self._submitted.clear()
         return committed
 
     def _keep_newest(self) -> Optional[tuple[int, str]]:
@@ -161,6 +163,28 @@ class SnapshotTaker:
     def salvage(self) -> list[dict[str, Any]]:
         """Commit every READY segment in the folder, oldest step first (a step already committed is
         skipped); the commits, as events."""
+        events = []
+        for event in self._unannounced_events():
+            committed = self.take(event)
+            if committed is not None:
+                events.append(committed)
+        return events
+
+    def submit_unannounced(self) -> bool:
+        """A dead worker's READY segments (killed before it could announce them) go to the committer
+        thread like any hand-over, each once: committed on the loop, a big one would stop its
+        watchdog pings. Whether any went (worker_gone() then finds them committed)."""
+        if self.folder is None:
+            return False
+        fresh = [e for e in self._unannounced_events() if e["segment"] not in self._submitted]
+        for event in fresh:
+            self._submitted.add(event["segment"])
+            self.submit(event)
+        return bool(fresh)
+
+    def _unannounced_events(self) -> list[dict[str, Any]]:
+        """A `snapshot` event for every READY segment in the folder whose step is not committed yet,
+        oldest step first."""
         assert self.folder is not None
         ready = []
         for name in sorted(os.listdir(self.folder)):
@@ -168,19 +192,13 @@ class SnapshotTaker:
             step = ready_step(os.path.join(self.folder, name)) if match else None
             if step is not None:
                 ready.append((step, name, int(match.group(1))))  # type: ignore[union-attr]
-        events = []
         try:
             done = {c.step for c in self.store.list()}
         except OSError as exc:
             log.error("cannot list %s to commit what a dead worker handed over: %s", self.store.url, exc)
             return []
-        for step, name, pid in sorted(ready):
-            if step in done:
-                continue
-            event = self.take({"event": protocol.EVENT_SNAPSHOT, "segment": name, "pid": pid, "step": step})
-            if event is not None:
-                events.append(event)
-        return events
+        return [{"event": protocol.EVENT_SNAPSHOT, "segment": name, "pid": pid, "step": step}
+                for step, name, pid in sorted(ready) if step not in done]
 
     def close(self) -> None:
         """The run ends: a READY segment of a worker killed on the way out is committed first."""

@@ -152,14 +152,20 @@ class WorkerProcess:
             reap_children(self)
         return self._status
 
+    def _reaped(self) -> set[int]:
+        """The main process' pid once it was reaped (no longer its own), else nothing."""
+        return {self.pid} if self._status is not None else set()
+
     def exited(self, wait_status: int) -> None:
         code = os.waitstatus_to_exitcode(wait_status)
         self._popen.returncode = code  # reaped here, not by Popen
         self._status = (code, None) if code >= 0 else (None, -code)
 
     def send(self, signum: int, pids: Iterable[int] = ()) -> None:
-        """A signal to the announced processes (`pids`), or to the main process when none announced."""
-        for pid in set(pids) or {self.pid}:
+        """A signal to the announced processes (`pids`), or to the main process when none announced.
+        Never to the main process once reaped (a dead worker is handled only once its hand-overs are
+        committed, and meanwhile its pid may go to another process)."""
+        for pid in (set(pids) or {self.pid}) - self._reaped():
             try:
                 os.kill(pid, signum)
             except (ProcessLookupError, PermissionError):
@@ -168,9 +174,13 @@ class WorkerProcess:
     def kill_tree(self) -> None:
         """SIGKILL the worker's group, and every descendant in another group or session (including
         those whose parent died: the daemon is their subreaper)."""
-        self.known.update(descendants(self.pid) | descendants(os.getpid()))
-        groups = {self.pgid}
-        for pid in self.known:
+        reaped = self._reaped()  # its pid may be another process's by now: not it, nor that one's group
+        self.known.update((set() if reaped else descendants(self.pid)) | descendants(os.getpid()))
+        alive = self.known - reaped
+        # A group keeps its leader's pid from reuse while it has members: a live process of that pid
+        # after the leader was reaped means the group is empty, and that process is another's.
+        groups = set() if reaped and _exists(self.pid) else {self.pgid}
+        for pid in alive:
             try:
                 groups.add(os.getpgid(pid))
             except OSError:
@@ -179,11 +189,21 @@ class WorkerProcess:
             if pgid == os.getpgrp():
                 continue  # never the daemon's own group
             _kill_group(pgid)
-        for pid in self.known:
+        for pid in alive:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def become_subreaper() -> bool:

@@ -188,7 +188,9 @@ class Supervisor:
         deadlines = list(self.timers.values())
         if self.notifier.watchdog_interval_s:
             deadlines.append(self.house.watchdog_at + self.notifier.watchdog_interval_s)
-        if self.hang.limit_s and self.machine.state == m.State.RUNNING:
+        if self.hang.limit_s and self.machine.state == m.State.RUNNING and not self.snapshots.committing:
+            # (while a commit is under way _check_hang waits: a deadline past would spin the loop; the
+            # commit's end wakes it)
             deadlines.append(self.last_event_mono + self.hang.limit_s)
         soonest = min(deadlines, default=time.monotonic() + 1.0)
         return max(0.0, min(soonest - time.monotonic(), 1.0))
@@ -291,10 +293,12 @@ class Supervisor:
         self.ranks.note(event)
         if kind in HEARTBEAT_EVENTS:
             self.heartbeat = next_heartbeat(self.heartbeat, event, time.time())
-        if kind in ("started", "resumed"):
-            self.snapshots.release_kept()  # loaded (or not wanted): its memory goes back
-            if isinstance(event.get("policy"), dict):
-                self.startup.adopt_worker_policy(event["policy"])
+        if kind in ("started", "resumed", protocol.EVENT_HELLO):
+            # Loaded, not wanted, or training without ever calling restore() (hello comes after any
+            # restore): its memory goes back before the worker's own segments take theirs.
+            self.snapshots.release_kept()
+        if kind in ("started", "resumed") and isinstance(event.get("policy"), dict):
+            self.startup.adopt_worker_policy(event["policy"])
         if kind == "resumed" and number(event, "resumed_from") is not None:
             self.loaded_step = int(number(event, "resumed_from"))  # type: ignore[arg-type]
             if event.get("read_from") == "memory":
@@ -366,7 +370,7 @@ class Supervisor:
         if status is None:
             return
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
-        if self.snapshots.committing:
+        if self.snapshots.committing or self.snapshots.submit_unannounced():
             return  # handled once what it handed over is committed (the loop goes on meanwhile)
         self._exit_reported = True
         for committed in self.snapshots.worker_gone():  # made READY, killed before it could say so

@@ -6,8 +6,9 @@ After a worker dies, the daemon keeps the segment that holds the newest committe
 that checkpoint is the one to resume from. The worker reads it with pread (never mapped: see
 layout), and every byte goes through the same checks against the checkpoint's manifest as a read
 from disk; on any mismatch the worker reads the checkpoint from disk instead. Once the worker says it
-resumed (or started fresh), the daemon removes it: its memory goes back before the worker makes
-segments of its own (two at most), and the restart does not wait for a state-sized file to be freed.
+resumed (or started fresh, or trains without ever restoring: its hello), the daemon removes it: its
+memory goes back before the worker makes segments of its own (two at most), and the restart does not
+wait for a state-sized file to be freed.
 """
 from __future__ import annotations
 

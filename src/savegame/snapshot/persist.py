@@ -118,8 +118,9 @@ def commit_claimed(fd: int, store: CheckpointStore, buffer: Optional[mmap.mmap] 
         try:
             info = _commit(fd, store, meta, buf)
         finally:
-            if own:
-                buf.close()
+            if own:  # a failed write's traceback may still hold views of it: it then goes with them,
+                with contextlib.suppress(BufferError):  # and the disk's error is the one raised
+                    buf.close()
     except BaseException:
         with contextlib.suppress(OSError):  # the worker then writes this save itself
             set_status(fd, Status.FAILED)
