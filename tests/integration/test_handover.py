@@ -83,7 +83,7 @@ def test_a_worker_killed_right_after_the_hand_over_still_gets_it_committed_and_r
                     ["--shared-memory", "--max-restarts", "100", *fast_backoff(tmp_path)]).start()
     folder = folder_for(str(run))
     killed, pid, files_seen = [], None, 0
-    for attempt in range(1, 11):
+    for attempt in range(1, 21):  # the 20 of 20
         wait_until(lambda: f"attempt {attempt}\n" in daemon.stdout, 60)
         pid = daemon.worker_pid(other_than=pid)
         step, most = kill_when_handed_over(folder, pid)
