@@ -47,7 +47,7 @@ class KeptSnapshot:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            log.warning("the checkpoint kept in shared memory is gone (%s): reading it from disk", exc.strerror)
+            log.warning("cannot open the checkpoint kept in shared memory (%s): reading it from disk", exc.strerror)
             return None
         try:
             info = os.fstat(fd)
