@@ -569,3 +569,24 @@ def test_the_capture_copies_straight_into_the_segment_with_no_host_buffer_beside
     assert private < 1.5, handed
     extra = ((handed["hwm"] - handed["baseline"]) - (alone["hwm"] - alone["baseline"])) / state
     assert extra < 1.5, (handed, alone)  # at most two segments instead of a host buffer: ~1x, not 2x
+
+
+def test_an_emergency_save_never_queues_behind_two_slow_commits(tmp_path):
+    """Both segments busy (one committing slowly, one waiting): a stop's emergency save must not wait
+    for a segment past the grace period. It is written in-process, beside the daemon's commits."""
+    trigger = tmp_path / "slow"
+    trigger.touch()  # every commit from shared memory takes 4 s more
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.5"],
+                    ["--shared-memory", "--grace", "2"], env=with_fault("slow-commit", trigger)).start()
+    folder = folder_for(str(run))
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)  # step 2's commit: 4 s from now
+    # step 2's segment stays READY while it commits; step 4's too, waiting its turn: both are busy
+    wait_until(lambda: sum(v[0] == Status.READY for v in segments(folder).values()) == 2, 10)
+    daemon.signal(signal.SIGTERM)  # the emergency save comes at the next step, both segments busy
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    reasons = {json.loads((run / f"ckpt-{s:012d}" / "manifest.json").read_text())["reason"]
+               for s in committed_steps(run)}
+    assert "emergency" in reasons, daemon.stderr[-3000:]
+    for step in committed_steps(run):
+        verify_ok(run, step)

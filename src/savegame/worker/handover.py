@@ -43,6 +43,7 @@ ANNOUNCE_TIMEOUT_S = 5.0
 # A READY segment unanswered this long, and no sign of the daemon at work on our segments (an answer,
 # a hand-over, a segment's lock held): the daemon will not take it (it could not open it), commit it here.
 ANSWER_TIMEOUT_S = 30.0
+URGENT_REASONS = ("emergency", "final")
 META_PER_FILE = 1024  # the meta's room for each rendered file's entry (path, offset, length)
 Done = Callable[[SaveJob, Optional[CheckpointInfo], Optional[BaseException]], None]
 
@@ -165,7 +166,10 @@ class HandoverWriter:
         meta_room = len(meta.to_json()) + META_PER_FILE * len(rendered)
         required = after_state + room + meta_room
         self._tail = max(SLACK, required - files[1].offset)  # what the next reservation leaves after the tensors
-        segment = placed if placed is not None else self._free_segment(required)
+        # An emergency or final save never queues behind two commits (slow ones would eat the grace
+        # period): with both segments busy it is written here, beside the daemon's commits.
+        urgent = job.reason in URGENT_REASONS
+        segment = placed if placed is not None else self._free_segment(required, wait=not urgent)
         if segment is None:
             return False
         try:
@@ -235,9 +239,10 @@ class HandoverWriter:
             segment.job = None
             segment.set_status(Status.FREE)
 
-    def _free_segment(self, required: int) -> Optional[Segment]:
+    def _free_segment(self, required: int, wait: bool = True) -> Optional[Segment]:
         """A segment holding nothing the daemon still has to commit, at least `required` bytes; waits
-        while both are busy. None when shared memory is refused (then this save is written here)."""
+        while both are busy (unless not `wait`). None when shared memory is refused, or both are busy
+        and not `wait` (then this save is written here)."""
         while True:
             with self._lock:
                 self._reap()
@@ -248,6 +253,8 @@ class HandoverWriter:
                         return segment
                 if free:
                     return self._replace(free[0], required)
+            if not wait:
+                return None
             time.sleep(POLL_S)
 
     def _replace(self, index: int, required: int) -> Optional[Segment]:
