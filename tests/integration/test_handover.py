@@ -387,19 +387,16 @@ def test_a_save_that_fails_to_render_into_its_segment_is_written_in_process(tmp_
         verify_ok(supervised, step)
 
 
-def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_path):
-    """A hand-over of a big state to a slow disk takes long to commit; meanwhile the daemon's loop must
-    go on: systemd's watchdog pings (a blocked loop past WatchdogSec gets the service killed),
-    signals, events. The commits run beside the loop, and every one still lands."""
+def notify_socket(tmp_path: Path) -> socket.socket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify.sock"))
     sock.settimeout(0.05)
-    trigger = tmp_path / "slow"
-    trigger.touch()
-    env = with_fault("slow-commit", trigger, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
-    run = tmp_path / "run"
-    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003"], ["--shared-memory"],
-                    env=env).start()
+    return sock
+
+
+def watchdog_pings_in_a_commit(sock: socket.socket, trigger: Path) -> int:
+    """The WATCHDOG=1 pings the daemon sends in 2 s inside an injected 4-second commit."""
     messages: list[str] = []
 
     def collect() -> None:
@@ -407,14 +404,28 @@ def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_pat
             while True:
                 messages.append(sock.recv(4096).decode())
 
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    collect()
+    before = sum("WATCHDOG=1" in m for m in messages)
+    time.sleep(2.0)
+    assert os.path.exists(f"{trigger}.committing")  # still inside that commit
+    collect()
+    return sum("WATCHDOG=1" in m for m in messages) - before
+
+
+def test_a_long_commit_from_shared_memory_never_stalls_the_daemon_s_loop(tmp_path):
+    """A hand-over of a big state to a slow disk takes long to commit; meanwhile the daemon's loop must
+    go on: systemd's watchdog pings (a blocked loop past WatchdogSec gets the service killed),
+    signals, events. The commits run beside the loop, and every one still lands."""
+    sock = notify_socket(tmp_path)
+    trigger = tmp_path / "slow"
+    trigger.touch()
+    env = with_fault("slow-commit", trigger, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003"], ["--shared-memory"],
+                    env=env).start()
     try:
-        wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
-        collect()
-        before = sum("WATCHDOG=1" in m for m in messages)
-        time.sleep(2.0)  # inside the first 4-second commit
-        assert os.path.exists(f"{trigger}.committing")
-        collect()
-        pings = sum("WATCHDOG=1" in m for m in messages) - before
+        pings = watchdog_pings_in_a_commit(sock, trigger)  # inside the first 4-second commit
         assert pings >= 4, f"{pings} watchdog pings in 2 s of a commit: the commit blocks the daemon's loop"
         trigger.unlink()
         daemon.signal(signal.SIGTERM)
@@ -432,29 +443,14 @@ def test_a_hand_over_left_unannounced_by_a_dead_worker_is_committed_beside_the_l
     """The worker is SIGKILLed the instant its segment is READY, before it sends the event: the
     daemon finds the segment when it sees the worker dead. That commit (4 s, injected) must not
     block the loop either: systemd's watchdog pings go on, and the restart resumes from that step."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(0.05)
+    sock = notify_socket(tmp_path)
     trigger, run = tmp_path / "slow", tmp_path / "run"
     trigger.touch()
     env = with_fault("unannounced", trigger, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
     daemon = Daemon(run, counter("--steps", 100000, "--every", 4, "--sleep", 0.01),
                     ["--shared-memory", *fast_backoff(tmp_path)], env=env).start()
-    messages: list[str] = []
-
-    def collect() -> None:
-        with contextlib.suppress(socket.timeout, BlockingIOError):
-            while True:
-                messages.append(sock.recv(4096).decode())
-
     try:
-        wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
-        collect()
-        before = sum("WATCHDOG=1" in m for m in messages)
-        time.sleep(2.0)  # inside the commit of the unannounced segment
-        assert os.path.exists(f"{trigger}.committing")
-        collect()
-        pings = sum("WATCHDOG=1" in m for m in messages) - before
+        pings = watchdog_pings_in_a_commit(sock, trigger)  # inside the commit of the unannounced segment
         assert pings >= 4, f"{pings} watchdog pings in 2 s of committing a dead worker's segment"
         trigger.unlink()
         wait_until(lambda: "resumed from step 4" in daemon.stderr, 60)
