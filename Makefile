@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-loaded mutate bench clean
+.PHONY: setup demo test test-fast test-soak test-loaded mutate bench clean
 
 # constraints.txt pins the versions the suite last passed with, so a new release on the index
 # cannot change (or break) a fresh set-up; pyproject.toml keeps the ranges users install with.
@@ -23,6 +23,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m unit tests
+
+# The chaos seeds `make test` leaves out (marker soak), about 3 minutes more.
+test-soak: setup
+	$(BIN)/python -m pytest -q -m soak tests
 
 # The daemon, mirror and chaos tiers with both cores kept busy: timing must not matter.
 test-loaded: setup

@@ -47,13 +47,18 @@ def kill_randomly(daemon: Daemon, rng: random.Random, kills: int) -> list[int]:
     return killed
 
 
-@pytest.mark.parametrize("seed", range(30))
+def seeds(run: range, soak: range) -> list:
+    """The seeds every `make test` runs, then those only `make test-soak` runs (CI stays short)."""
+    return [*run, *(pytest.param(seed, marks=pytest.mark.soak) for seed in soak)]
+
+
+@pytest.mark.parametrize("seed", seeds(range(16), range(16, 30)))
 def test_random_sigkills_never_lose_or_repeat_a_step(tmp_path, seed):
     check_random_sigkills(tmp_path, seed, [])
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
-@pytest.mark.parametrize("seed", range(100, 110))
+@pytest.mark.parametrize("seed", seeds(range(100, 106), range(106, 110)))
 def test_random_sigkills_with_the_shared_memory_hand_over_and_restores_from_ram(tmp_path, seed):
     """The same with saves handed over to the daemon and restarts reading the kept copy: kills land
     in the copy into a segment, between the hand-over and the commit, and in a load from RAM."""
