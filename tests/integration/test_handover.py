@@ -586,3 +586,27 @@ def test_an_emergency_save_never_queues_behind_two_slow_commits(tmp_path):
     assert "emergency" in reasons, daemon.stderr[-3000:]
     for step in committed_steps(run):
         verify_ok(run, step)
+
+
+def test_a_stop_while_a_periodic_save_waits_for_a_segment_does_not_wait_out_the_grace(tmp_path):
+    """Both segments busy with slow commits and the training thread waiting for one to copy its next
+    periodic save into (the back-pressure rule): a stop must end that wait. The waiting save and the
+    emergency save are written in-process within the grace period."""
+    trigger = tmp_path / "slow"
+    trigger.touch()  # every commit from shared memory takes 4 s more
+    run = tmp_path / "run"
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "1", "--sleep", "0.05"],
+                    ["--shared-memory", "--grace", "3"], env=with_fault("slow-commit", trigger)).start()
+    folder = folder_for(str(run))
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    wait_until(lambda: sum(v[0] == Status.READY for v in segments(folder).values()) == 2, 10)
+    time.sleep(0.5)  # the next periodic save is waiting for a segment now
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    # the worker left its two older hand-overs to the daemon and exited by itself, in time
+    assert "grace period" not in daemon.stderr.split("asking the worker")[1], daemon.stderr[-3000:]
+    reasons = {json.loads((run / f"ckpt-{s:012d}" / "manifest.json").read_text())["reason"]
+               for s in committed_steps(run)}
+    assert "emergency" in reasons, daemon.stderr[-3000:]
+    for step in committed_steps(run):
+        verify_ok(run, step)

@@ -371,7 +371,10 @@ class Supervisor:
             return
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
         if self.snapshots.committing or self.snapshots.submit_unannounced():
-            return  # handled once what it handed over is committed (the loop goes on meanwhile)
+            # handled once what it handed over is committed (the loop goes on meanwhile); it exited in
+            # time, so no grace period runs out on it while this daemon commits
+            self.timers.pop("grace", None)
+            return
         self._exit_reported = True
         for committed in self.snapshots.worker_gone():  # made READY, killed before it could say so
             self._on_worker_event(committed)

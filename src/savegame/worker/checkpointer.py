@@ -117,7 +117,7 @@ class Checkpointer:
         folder = os.environ.get(protocol.ENV_SEGMENTS, "") if self.supervised else ""
         if folder and os.path.isdir(folder):
             return HandoverWriter(self.store, folder, self._link, self._commits.done,
-                                  self._commits.committed_by_daemon)
+                                  self._commits.committed_by_daemon, stopping=lambda: self._requests.stop)
         return BackgroundWriter(self.store, self._commits.done)
 
     def track(self, **objects: Any) -> "Checkpointer":

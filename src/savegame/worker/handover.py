@@ -8,7 +8,7 @@ event; from then on the checkpoint no longer depends on this process: the daemon
 the worker dies the next instant. The daemon answers in the segment's status word (COMMITTED or
 FAILED), which this side polls. At most two segments: one the daemon persists, one being filled;
 when both are busy the next save waits (the back-pressure rule), but an emergency or final save is
-written in-process rather than wait. Files a capture renders (Keras' .weights.h5) go into the
+written in-process rather than wait, and so is a save that waits when a stop comes. Files a capture renders (Keras' .weights.h5) go into the
 segment after state.json. Files already on disk (TensorFlow's) and the parts of a torch.distributed
 job's ranks are written in-process as before; so is a segment the daemon refused, or one it can no
 longer take (it died), or one it never answered (ANSWER_TIMEOUT_S with no sign of it working; the
@@ -60,8 +60,10 @@ class HandoverWriter:
     """BackgroundWriter's interface (submit, make_room, wait, close); the daemon commits."""
 
     def __init__(self, store: CheckpointStore, folder: str, link: DaemonLink, on_done: Done,
-                 on_daemon_commit: Callable[[SaveJob, float], None]) -> None:
+                 on_daemon_commit: Callable[[SaveJob, float], None],
+                 stopping: Callable[[], bool] = lambda: False) -> None:
         self._store = store
+        self._stopping = stopping  # a stop is pending: no save may wait for a segment past the grace period
         self._folder = folder
         self._link = link
         self._on_done = on_done  # saves this process wrote (or failed to)
@@ -75,6 +77,7 @@ class HandoverWriter:
         self._alive_checked = 0.0
         self._progress = 0.0  # the last sign of the hand-over moving on (see ANSWER_TIMEOUT_S)
         self.inflight_step: Optional[int] = None
+        self._newest_step = -1  # the last save submitted (when stopping, the one this exit reports)
         self.last_persist_s: Optional[float] = None
         self._reserved: Optional[Segment] = None  # lent to a capture that has not been submitted yet
         self._tail = SLACK  # room for state.json and the meta after the tensors (the last save's, once known)
@@ -104,7 +107,7 @@ class HandoverWriter:
     def submit(self, job: SaveJob) -> None:
         self.make_room()
         self._unreserve(keep=_placed(job))
-        self.inflight_step = job.step
+        self.inflight_step = self._newest_step = job.step
         self._inflight = self._pool.submit(self._run, job, time.monotonic())
 
     def make_room(self) -> None:
@@ -114,9 +117,10 @@ class HandoverWriter:
             self._inflight = None
 
     def wait(self) -> None:
-        """Until every save is committed (by the daemon or here) or has failed."""
+        """Until every save is committed (by the daemon or here) or has failed; when stopping, until
+        the last one is (older hand-overs are left to the daemon, see _left_to_the_daemon)."""
         self.make_room()
-        while self._settle():
+        while self._settle() and not self._left_to_the_daemon():
             time.sleep(POLL_S)
         self.inflight_step = None
 
@@ -126,7 +130,7 @@ class HandoverWriter:
         with self._lock:
             for index, segment in enumerate(self._segments):
                 if segment is not None:
-                    segment.close(unlink=True)
+                    segment.close(unlink=segment.job is None)  # a pending hand-over stays for the daemon
                     self._segments[index] = None
         if self._link.gone or not daemon_alive():  # nobody else will remove the (now empty) folder
             with contextlib.suppress(OSError):
@@ -242,8 +246,8 @@ class HandoverWriter:
 
     def _free_segment(self, required: int, wait: bool = True) -> Optional[Segment]:
         """A segment holding nothing the daemon still has to commit, at least `required` bytes; waits
-        while both are busy (unless not `wait`). None when shared memory is refused, or both are busy
-        and not `wait` (then this save is written here)."""
+        while both are busy (unless not `wait`, or a stop is pending). None when shared memory is
+        refused, or both are busy and it does not wait (then this save is written here)."""
         while True:
             with self._lock:
                 self._reap()
@@ -254,7 +258,7 @@ class HandoverWriter:
                         return segment
                 if free:
                     return self._replace(free[0], required)
-            if not wait:
+            if not wait or self._stopping():
                 return None
             time.sleep(POLL_S)
 
@@ -288,6 +292,15 @@ class HandoverWriter:
         with self._lock:
             self._reap()
             return any(s is not None and s.job is not None for s in self._segments)
+
+    def _left_to_the_daemon(self) -> bool:
+        """Stopping, with the last save (the one this exit reports) committed: the older hand-overs
+        still pending are the daemon's to commit after this process exits, as after a SIGKILL, rather
+        than wait for them here past the grace period."""
+        if not self._stopping() or self._link.gone or not daemon_alive():
+            return False
+        with self._lock:
+            return all(s.job.step < self._newest_step for s in self._pending())
 
     def _reap(self) -> None:
         daemon_gone = self._daemon_gone()
