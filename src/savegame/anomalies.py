@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from savegame.errors import MalformedInput
+from savegame.files import replace_file
 from savegame.untrusted import load_json, read_regular_file
 
 RECORD_PATH = os.path.join(".savegame", "anomalies.json")
@@ -62,14 +63,7 @@ def add_anomaly(run_dir: str, entry: AnomalyEntry) -> int:
     record = {"format": 1, "anomalies": [asdict(e) for e in entries[-MAX_ENTRIES:]]}
     path = os.path.join(run_dir, RECORD_PATH)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, json.dumps(record, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(record, indent=1).encode(), durable=True)
     return len(entries)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from savegame.config import Layer, RunConfig, validate_layer
 from savegame.errors import ConfigError, MalformedInput, SavegameError, StorageError
+from savegame.files import replace_file
 from savegame.storage import CheckpointStore
 from savegame.untrusted import load_json, obj, read_regular_file
 
@@ -115,18 +116,5 @@ def _missing(exc: OSError) -> bool:
 
 
 def _write_local(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    replace_file(path, data, durable=True)

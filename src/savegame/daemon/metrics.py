@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
@@ -19,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from savegame.daemon.machine import State
 from savegame.errors import ConfigError
+from savegame.files import replace_file
 
 log = logging.getLogger("savegame")
 TEXTFILE_INTERVAL_S = 5.0
@@ -150,18 +150,10 @@ class MetricsExporter:
     def write_textfile(self) -> None:
         assert self.textfile is not None
         self._written_at = time.monotonic()
-        tmp = f"{self.textfile}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"  # not *.prom: never read half-written
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(generate_latest(self.registry))
-            os.replace(tmp, self.textfile)
+            replace_file(self.textfile, generate_latest(self.registry))
         except OSError as exc:
             log.warning("cannot write the metrics textfile %s: %s", self.textfile, exc)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
     def close(self, snapshot: Mapping[str, Any]) -> None:
         if self.textfile and snapshot:

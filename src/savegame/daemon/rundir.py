@@ -20,6 +20,7 @@ from typing import Any, Optional
 from savegame.config import RunConfig
 from savegame.daemon.status import STATUS_DIR
 from savegame.errors import ConfigError, MalformedInput, StorageError
+from savegame.files import replace_file
 from savegame.storage import CheckpointStore
 from savegame.storage.local import check_run_folder, process_alive
 from savegame.untrusted import load_json, read_regular_file
@@ -192,13 +193,7 @@ def run_id_of(run_dir: str) -> str:
     except (OSError, MalformedInput) as exc:
         log.warning("cannot read the run id (%s); starting a new one", exc)
     run_id = uuid.uuid4().hex[:12]
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, run_id.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    replace_file(path, run_id.encode())
     return run_id
 
 

@@ -10,12 +10,12 @@ import glob
 import json
 import os
 import time
-import uuid
 from typing import Any, Mapping, Optional
 
 from savegame.config import NODE_NAME
 from savegame.daemon.ranks import format_ranks
 from savegame.errors import MalformedInput
+from savegame.files import replace_file
 from savegame.see.goodput import describe
 from savegame.storage.local import process_alive
 from savegame.untrusted import load_json, read_regular_file
@@ -38,18 +38,7 @@ def settings_path(run_dir: str, name: str = SETTINGS_FILE) -> str:
 def write_json_file(path: str, data: Mapping[str, Any]) -> None:
     """Replace a small JSON file atomically; the temporary file is new (never a planted link)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(data), f, indent=1, default=str, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_file(path, json.dumps(dict(data), indent=1, default=str, allow_nan=False).encode())
 
 
 def read_json_file(path: str) -> Optional[dict[str, Any]]:

@@ -13,11 +13,11 @@ import fcntl
 import json
 import os
 import stat
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from savegame.errors import MalformedInput
+from savegame.files import replace_file
 from savegame.untrusted import load_json, obj, read_regular_file
 
 MAX_LINE = 16 * 1024
@@ -110,18 +110,5 @@ def _compact(path: str, max_bytes: int, fold: Optional[Fold]) -> None:
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    """Replace a file by a new one (never written through a planted link)."""
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Replace a file by a new one."""
+    replace_file(path, data, durable=True)

@@ -18,6 +18,7 @@ import os
 from typing import Mapping, Optional
 
 from savegame.errors import MalformedInput
+from savegame.files import replace_file
 from savegame.untrusted import load_json, read_regular_file
 
 CACHE_MAX = 64 << 20  # bytes of one cache file
@@ -81,17 +82,13 @@ class ManifestCache:
         for path, (etag, data) in self._entries.items():
             with contextlib.suppress(UnicodeDecodeError):
                 entries[path] = [etag, data.decode("utf-8")]
-        tmp = f"{self._path}.{os.getpid()}.tmp"
         folder = os.path.dirname(self._path)
         with contextlib.suppress(OSError):
             os.makedirs(os.path.dirname(os.path.dirname(folder)), exist_ok=True)
             for path in (os.path.dirname(folder), folder):  # private: run ids, metrics, bucket layout
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(path, 0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with open(fd, "w", encoding="utf-8") as f:
-                json.dump({"format": 1, "entries": entries}, f)
-            os.replace(tmp, self._path)
+            replace_file(self._path, json.dumps({"format": 1, "entries": entries}).encode(), mode=0o600)
             _trim(folder)
 
 

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from savegame.storage import CheckpointInfo, CheckpointStore, StagedCheckpoint
 from savegame.storage.checksum import CHUNK
