@@ -567,46 +567,39 @@ def test_the_capture_copies_straight_into_the_segment_with_no_host_buffer_beside
     assert extra < 1.5, (handed, alone)  # at most two segments instead of a host buffer: ~1x, not 2x
 
 
-def test_an_emergency_save_never_queues_behind_two_slow_commits(tmp_path):
-    """Both segments busy (one committing slowly, one waiting): a stop's emergency save must not wait
-    for a segment past the grace period. It is written in-process, beside the daemon's commits."""
+def stop_with_both_segments_busy(tmp_path: Path, every: int, sleep: float, grace: int, wait_s: float = 0) -> Daemon:
+    """A worker saving every `every` steps; every commit from shared memory takes 4 s more, so step
+    N's segment stays READY while it commits and the next one's while it waits its turn: both busy.
+    Then, `wait_s` later, a SIGTERM; the daemon has exited 0 and its emergency checkpoint is there."""
     trigger = tmp_path / "slow"
-    trigger.touch()  # every commit from shared memory takes 4 s more
+    trigger.touch()
     run = tmp_path / "run"
-    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "2", "--sleep", "0.5"],
-                    ["--shared-memory", "--grace", "2"], env=with_fault("slow-commit", trigger)).start()
+    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", str(every), "--sleep", str(sleep)],
+                    ["--shared-memory", "--grace", str(grace)], env=with_fault("slow-commit", trigger)).start()
     folder = folder_for(str(run))
-    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)  # step 2's commit: 4 s from now
-    # step 2's segment stays READY while it commits; step 4's too, waiting its turn: both are busy
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
     wait_until(lambda: sum(v[0] == Status.READY for v in segments(folder).values()) == 2, 10)
-    daemon.signal(signal.SIGTERM)  # the emergency save comes at the next step, both segments busy
+    time.sleep(wait_s)
+    daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0, daemon.stderr[-3000:]
     reasons = {json.loads((run / f"ckpt-{s:012d}" / "manifest.json").read_text())["reason"]
                for s in committed_steps(run)}
     assert "emergency" in reasons, daemon.stderr[-3000:]
     for step in committed_steps(run):
         verify_ok(run, step)
+    return daemon
+
+
+def test_an_emergency_save_never_queues_behind_two_slow_commits(tmp_path):
+    """Both segments busy (one committing slowly, one waiting): a stop's emergency save must not wait
+    for a segment past the grace period. It is written in-process, beside the daemon's commits."""
+    stop_with_both_segments_busy(tmp_path, every=2, sleep=0.5, grace=2)
 
 
 def test_a_stop_while_a_periodic_save_waits_for_a_segment_does_not_wait_out_the_grace(tmp_path):
     """Both segments busy with slow commits and the training thread waiting for one to copy its next
     periodic save into (the back-pressure rule): a stop must end that wait. The waiting save and the
     emergency save are written in-process within the grace period."""
-    trigger = tmp_path / "slow"
-    trigger.touch()  # every commit from shared memory takes 4 s more
-    run = tmp_path / "run"
-    daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "1", "--sleep", "0.05"],
-                    ["--shared-memory", "--grace", "3"], env=with_fault("slow-commit", trigger)).start()
-    folder = folder_for(str(run))
-    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
-    wait_until(lambda: sum(v[0] == Status.READY for v in segments(folder).values()) == 2, 10)
-    time.sleep(0.5)  # the next periodic save is waiting for a segment now
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    daemon = stop_with_both_segments_busy(tmp_path, every=1, sleep=0.05, grace=3, wait_s=0.5)
     # the worker left its two older hand-overs to the daemon and exited by itself, in time
     assert "grace period" not in daemon.stderr.split("asking the worker")[1], daemon.stderr[-3000:]
-    reasons = {json.loads((run / f"ckpt-{s:012d}" / "manifest.json").read_text())["reason"]
-               for s in committed_steps(run)}
-    assert "emergency" in reasons, daemon.stderr[-3000:]
-    for step in committed_steps(run):
-        verify_ok(run, step)
