@@ -603,3 +603,52 @@ def test_a_stop_while_a_periodic_save_waits_for_a_segment_does_not_wait_out_the_
     daemon = stop_with_both_segments_busy(tmp_path, every=1, sleep=0.05, grace=3, wait_s=0.5)
     # the worker left its two older hand-overs to the daemon and exited by itself, in time
     assert "grace period" not in daemon.stderr.split("asking the worker")[1], daemon.stderr[-3000:]
+
+
+FAILING_EMERGENCY = """
+import time
+import numpy
+import savegame
+from savegame.worker import handover
+write_checkpoint = handover.write_checkpoint
+
+def failing(store, job):
+    if job.reason == "emergency":  # written in-process (both segments busy): the disk is full by now
+        time.sleep(5)  # meanwhile the daemon's commit of an older hand-over lands
+        raise OSError(28, "No space left on device (injected)")
+    return write_checkpoint(store, job)
+
+handover.write_checkpoint = failing
+weights = numpy.zeros(1 << 18, dtype=numpy.float32)
+ckpt = savegame.Checkpointer(every_steps=2, keep_last=1000)
+ckpt.track(weights=weights)
+ckpt.restore()
+ckpt.start_training()
+while True:
+    weights += 1
+    ckpt.step()
+    time.sleep(0.5)
+"""
+
+
+def test_an_emergency_save_that_fails_is_not_made_good_by_an_older_hand_over_the_daemon_commits(tmp_path):
+    """Both segments busy with slow commits, a stop: the emergency save is written in-process and
+    fails (a full disk); meanwhile the daemon commits an older hand-over. That older commit must not
+    wipe out the failure: the worker exits 74, not 75, and the daemon does not report the emergency
+    checkpoint as committed (exit 0)."""
+    script, run, trigger = tmp_path / "failing_emergency.py", tmp_path / "run", tmp_path / "slow"
+    script.write_text(FAILING_EMERGENCY)
+    trigger.touch()
+    daemon = Daemon(run, [str(script)], ["--shared-memory", "--grace", "30"],
+                    env=with_fault("slow-commit", trigger)).start()
+    folder = folder_for(str(run))
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    wait_until(lambda: sum(v[0] == Status.READY for v in segments(folder).values()) == 2, 10)
+    daemon.signal(signal.SIGTERM)
+    code = daemon.wait(90)
+    assert "the emergency checkpoint" in daemon.stderr and "was not saved" in daemon.stderr, daemon.stderr[-3000:]
+    assert "emergency checkpoint committed" not in daemon.stderr, daemon.stderr[-3000:]
+    assert code == 74, daemon.stderr[-3000:]
+    reasons = {json.loads((run / f"ckpt-{s:012d}" / "manifest.json").read_text())["reason"]
+               for s in committed_steps(run)}
+    assert "emergency" not in reasons

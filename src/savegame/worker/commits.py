@@ -27,6 +27,7 @@ class Commits:
         self.step: Optional[int] = None  # the step whose state is committed last
         self.failures = 0  # in a row
         self.error: Optional[BaseException] = None  # why the last save failed (None: it did not)
+        self._failed_step: Optional[int] = None  # the step of that failed save
         self._link = link
         self._on_commit = on_commit
         self._persist_s = persist_s  # from handing the save to the writer to its commit
@@ -34,14 +35,17 @@ class Commits:
     def done(self, job: SaveJob, info: Optional[CheckpointInfo], error: Optional[BaseException]) -> None:
         if error is not None:
             exists = isinstance(error, CheckpointExists)  # that step is committed already: not a failure
-            self.failures += 0 if exists else 1
-            self.error = None if exists else error
+            if exists:
+                self._succeeded(job.step)
+            else:
+                self.failures, self.error, self._failed_step = self.failures + 1, error, job.step
             if exists or job.reason not in REPORTED_BY_CALLER:
                 (log.warning if exists else log.error)("checkpoint at step %d not saved: %s", job.step, error)
             self._link.send("save-failed", step=job.step, reason=job.reason, error=str(error))
             return
         assert info is not None
-        self.failures, self.error, self.step = 0, None, info.step
+        self._succeeded(info.step)
+        self.step = info.step
         log.info("committed step %d (%s) in %s", info.step, info.reason, info.path)
         self._link.send("committed", step=info.step, epoch=info.epoch, reason=info.reason, path=info.path,
                         bytes=info.bytes, metrics=dict(info.metrics), persist_s=self._persist_s())
@@ -50,8 +54,17 @@ class Commits:
 
     def committed_by_daemon(self, job: SaveJob, persist_s: float) -> None:
         """The daemon committed a save handed over in shared memory (it reports that commit itself)."""
-        self.failures, self.error, self.step = 0, None, job.step
+        self._succeeded(job.step)
+        self.step = job.step
         log.info("the daemon committed step %d (%s) in %.3fs", job.step, job.reason, persist_s)
+
+    def _succeeded(self, step: int) -> None:
+        """A save of `step` is committed: the failures in a row are over, unless the one that failed
+        is newer (an emergency save written here failed while the daemon still committed an older
+        hand-over): an older commit does not make that failure good."""
+        if self.error is not None and self._failed_step is not None and step < self._failed_step:
+            return
+        self.failures, self.error, self._failed_step = 0, None, None
 
 
 def apply_retention(store: CheckpointStore, config: RunConfig, resumed_from: Optional[int]) -> None:
