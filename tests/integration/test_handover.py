@@ -652,3 +652,19 @@ def test_an_emergency_save_that_fails_is_not_made_good_by_an_older_hand_over_the
     reasons = {json.loads((run / f"ckpt-{s:012d}" / "manifest.json").read_text())["reason"]
                for s in committed_steps(run)}
     assert "emergency" not in reasons
+
+
+def test_a_stop_while_the_final_checkpoint_commits_ends_the_run_as_finished(tmp_path):
+    """The worker ends its training and hands its final save over (a slow commit, 4 s); a SIGTERM
+    comes meanwhile (finish() takes no stop). Training is done and its final checkpoint committed:
+    the daemon exits 0, not 74 ("no emergency checkpoint: later work is lost")."""
+    trigger, run = tmp_path / "slow", tmp_path / "run"
+    trigger.touch()
+    daemon = Daemon(run, [WORKER, "--steps", "3", "--every", "1000", "--sleep", "0"], ["--shared-memory"],
+                    env=with_fault("slow-commit", trigger)).start()
+    wait_until(lambda: os.path.exists(f"{trigger}.committing"), 60)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.stderr[-3000:]
+    assert "DONE 3" in daemon.stdout and "lost" not in daemon.stderr, daemon.stderr[-3000:]
+    assert committed_steps(run) == [3]
+    verify_ok(run, 3)

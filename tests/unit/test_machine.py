@@ -41,6 +41,20 @@ def test_stop_request_drains_then_stops_with_exit_0():
     assert "emergency checkpoint committed" in trace[-1][2]
 
 
+@pytest.mark.parametrize("requeue", [False, True])
+def test_a_worker_that_finishes_while_a_stop_is_pending_is_a_success_not_lost_work(requeue):
+    """The stop came while the worker committed its final checkpoint (finish() takes no stop): it
+    exits 0 with training done. That is no "later work is lost" (74), and nothing is requeued."""
+    machine, trace = run([m.Spawned(10), m.StopRequested("SIGTERM", requeue=requeue),
+                          m.WorkerExited(0, None, 50, finished=True)])
+    assert machine.state == m.State.SUCCEEDED
+    assert trace[-1][1][-1] == m.Finish(0) and not any(isinstance(a, m.Requeue) for a in trace[-1][1])
+    assert "lost" not in trace[-1][2]
+    # exit 0 without the end of training reported (a handler of the script's own quit on the stop): work is lost
+    machine, trace = run([m.Spawned(10), m.StopRequested("SIGTERM"), m.WorkerExited(0, None, 50)])
+    assert machine.state == m.State.STOPPED and trace[-1][1][-1] == m.Finish(74)
+
+
 def test_second_sigterm_does_not_cut_the_emergency_save_short():
     machine, trace = run([m.Spawned(10), m.StopRequested("SIGTERM"), m.StopRequested("SIGTERM")])
     assert machine.state == m.State.DRAINING

@@ -62,6 +62,7 @@ class WorkerExited:
     trained: bool = True  # it had announced itself (started training): a stop without its checkpoint loses work
     anomaly_step: Optional[int] = None  # exit 76: checkpoints at or after this step hold a bad state
     anomalies: int = 0  # exit 76: how many times the run's loss went bad so far, this one included
+    finished: bool = False  # it reported the end of training (finish(): its final checkpoint committed)
 
     @property
     def suspect_step(self) -> Optional[int]:
@@ -262,11 +263,13 @@ def _on_exit(m: Machine, event: WorkerExited, now: float, policy: RestartPolicy)
         how += f": {event.note}"
     if event.code == protocol.EXIT_ROLLBACK:
         return _on_anomaly(m, event, now, policy)
+    if event.code == protocol.EXIT_OK and (event.finished or not m.stopping):
+        # training done, its final checkpoint committed: a stop that came meanwhile (finish() takes
+        # none) lost nothing, and a finished job is not requeued
+        return Transition(replace(m, state=State.SUCCEEDED), (KillGroup(), Finish(protocol.EXIT_OK)),
+                          "worker finished (exit code 0)" + (" before it took the stop request" if m.stopping else ""))
     if m.stopping:
         return _on_stopped(m, event, how)
-    if event.code == protocol.EXIT_OK:
-        return Transition(replace(m, state=State.SUCCEEDED), (KillGroup(), Finish(protocol.EXIT_OK)),
-                          "worker finished (exit code 0)")
     if event.code == protocol.EXIT_CONFIG:
         return Transition(replace(m, state=State.FAILED), (KillGroup(), Finish(protocol.EXIT_CONFIG)),
                           "worker reported a configuration error (exit code 78): not retrying")

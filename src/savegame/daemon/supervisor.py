@@ -103,6 +103,7 @@ class Supervisor:
         self.loaded_step: Optional[int] = None  # the checkpoint the current worker said it loaded
         self.resume_superseded = False  # the current worker committed past its resume source
         self.emergency_saved = False  # the current worker reported an emergency commit
+        self.finished = False  # the current worker reported the end of training (its final commit done)
         self.set_aside: set[int] = set()  # not to be resumed from again by this daemon
         self.mirror_missing: list[int] = []
         self.reason = ""
@@ -305,6 +306,8 @@ class Supervisor:
                 log.info("the worker loaded step %d from the copy kept in shared memory", self.loaded_step)
         if kind == "committed":
             self._note_commit(event)
+        elif kind == "finished":
+            self.finished = True
         elif kind == "saving":
             self.notifier.extend_timeout(self.config["grace"] + self.config["mirror_deadline"] + 5)
         elif kind == "interval" and isinstance(event.get("why"), str):
@@ -384,6 +387,7 @@ class Supervisor:
         meant, note = self.ranks.translate(code, launcher) if signum is None else (code, "")
         step = self.progress.read() if self.progress else None
         self.events.append(m.WorkerExited(meant, signum, step, self.loaded_step, emergency_saved=self.emergency_saved,
+                                          finished=self.finished,
                                           trained=bool(self.announced),
                                           note=f"{note}; the launcher exited {code}" if note else "",
                                           **self.decisions.worker_exited(meant, step)))
@@ -500,7 +504,7 @@ class Supervisor:
         self._exit_reported = False
         self.heartbeat, self.announced, self.loaded_step = {}, {}, None
         self.ranks.reset()
-        self.resume_superseded = self.emergency_saved = False
+        self.resume_superseded = self.emergency_saved = self.finished = False
         self.last_event_mono = time.monotonic()
         self.hang.new_worker()
         self.events.append(m.Spawned(self.worker.pid))
