@@ -52,13 +52,13 @@ def seeds(run: range, soak: range) -> list:
     return [*run, *(pytest.param(seed, marks=pytest.mark.soak) for seed in soak)]
 
 
-@pytest.mark.parametrize("seed", seeds(range(16), range(16, 30)))
+@pytest.mark.parametrize("seed", seeds(range(12), range(12, 30)))
 def test_random_sigkills_never_lose_or_repeat_a_step(tmp_path, seed):
     check_random_sigkills(tmp_path, seed, [])
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
-@pytest.mark.parametrize("seed", seeds(range(100, 106), range(106, 110)))
+@pytest.mark.parametrize("seed", seeds(range(100, 104), range(104, 110)))
 def test_random_sigkills_with_the_shared_memory_hand_over_and_restores_from_ram(tmp_path, seed):
     """The same with saves handed over to the daemon and restarts reading the kept copy: kills land
     in the copy into a segment, between the hand-over and the commit, and in a load from RAM."""

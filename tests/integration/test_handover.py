@@ -77,13 +77,14 @@ def verify_ok(run: Path, step: int) -> None:
     assert all(entry["ok"] for entry in json.loads(result.stdout)), result.stdout
 
 
-def test_a_worker_killed_right_after_the_hand_over_still_gets_it_committed_and_resumes_from_it(tmp_path):
+@pytest.mark.parametrize("kills", [10, pytest.param(20, marks=pytest.mark.soak)])  # the 20 of 20: soak
+def test_a_worker_killed_right_after_the_hand_over_still_gets_it_committed_and_resumes_from_it(tmp_path, kills):
     run = tmp_path / "run"
     daemon = Daemon(run, [WORKER, "--steps", "100000", "--every", "4", "--sleep", "0.003", "--keep-last", "1000"],
                     ["--shared-memory", "--max-restarts", "100", *fast_backoff(tmp_path)]).start()
     folder = folder_for(str(run))
     killed, pid, files_seen = [], None, 0
-    for attempt in range(1, 21):  # the 20 of 20
+    for attempt in range(1, kills + 1):
         wait_until(lambda: f"attempt {attempt}\n" in daemon.stdout, 60)
         pid = daemon.worker_pid(other_than=pid)
         step, most = kill_when_handed_over(folder, pid)
