@@ -24,7 +24,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m unit tests
 
-# The chaos seeds `make test` leaves out (marker soak), about 3 minutes more.
+# The chaos seeds `make test` leaves out (marker soak), about 4 minutes more.
 test-soak: setup
 	$(BIN)/python -m pytest -q -m soak tests
 
