@@ -8,11 +8,13 @@ event; from then on the checkpoint no longer depends on this process: the daemon
 the worker dies the next instant. The daemon answers in the segment's status word (COMMITTED or
 FAILED), which this side polls. At most two segments: one the daemon persists, one being filled;
 when both are busy the next save waits (the back-pressure rule), but an emergency or final save is
-written in-process rather than wait, and so is a save that waits when a stop comes. Files a capture renders (Keras' .weights.h5) go into the
-segment after state.json. Files already on disk (TensorFlow's) and the parts of a torch.distributed
-job's ranks are written in-process as before; so is a segment the daemon refused, or one it can no
-longer take (it died), or one it never answered (ANSWER_TIMEOUT_S with no sign of it working; the
-segment's lock keeps the two from both committing it): nothing handed over is lost.
+written in-process rather than wait, and so is a save that waits when a stop comes (a stopping
+worker then waits only for its last save: the older hand-overs are the daemon's to commit after it
+exits). Files a capture renders (Keras' .weights.h5) go into the segment after state.json. Files
+already on disk (TensorFlow's) and the parts of a torch.distributed job's ranks are written
+in-process as before; so is a segment the daemon refused, or one it can no longer take (it died),
+or one it never answered (ANSWER_TIMEOUT_S with no sign of it working; the segment's lock keeps the
+two from both committing it): nothing handed over is lost.
 """
 from __future__ import annotations
 
