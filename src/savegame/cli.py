@@ -45,6 +45,12 @@ def _set_up_logging(verbose: bool) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: `--shared` must not quietly mean --shared-memory, and a flag added later
+        # must not change what a unit file's or a job script's abbreviation meant.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         _error_line(f"savegame: error: {message}")

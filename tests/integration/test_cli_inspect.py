@@ -99,6 +99,7 @@ def test_restore_from_an_empty_run(tmp_path, savegame_env):
 
 @pytest.mark.parametrize("args, words", [
     (["ls", "{run}", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["prune", "{run}", "--keep-l", "3"], ["unrecognized arguments: --keep-l"]),  # no abbreviations
     (["ls"], ["required: DIR_OR_URL"]),
     (["verify", "{run}", "--step", "abc"], ["--step", "invalid int value: 'abc'"]),
     (["verify", "{run}", "--json", "extra"], ["unrecognized arguments: extra"]),
