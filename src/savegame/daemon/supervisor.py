@@ -373,11 +373,9 @@ class Supervisor:
         if status is None:
             return
         self._take_worker_events()  # whatever it said before dying (its last commit, say)
+        self.timers.pop("grace", None)  # it exited in time: no grace period runs out on it from here
         if self.snapshots.committing or self.snapshots.submit_unannounced():
-            # handled once what it handed over is committed (the loop goes on meanwhile); it exited in
-            # time, so no grace period runs out on it while this daemon commits
-            self.timers.pop("grace", None)
-            return
+            return  # handled once what it handed over is committed (the loop goes on meanwhile)
         self._exit_reported = True
         for committed in self.snapshots.worker_gone():  # made READY, killed before it could say so
             self._on_worker_event(committed)
@@ -392,7 +390,6 @@ class Supervisor:
                                           note=f"{note}; the launcher exited {code}" if note else "",
                                           **self.decisions.worker_exited(meant, step)))
         self.house.collect_garbage()  # a dead worker's half-written checkpoint
-        self.timers.pop("grace", None)
         self.timers.pop("dump", None)
         self.house.dirty = True
 
